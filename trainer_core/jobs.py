@@ -1,0 +1,110 @@
+"""What differs between training a LoRA and a hypernetwork: the module, its hooks and its file."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+
+from .errors import TrainerInputError
+from .formats import safe_output_path
+
+
+class LoRAJob:
+    kind = "LoRA"
+    suffix = ".safetensors"
+
+    def __init__(self, parts, lora_config, train_config, dataset):
+        from .adapters.lora import LoRANetwork
+        self.parts, self.lora_config, self.train_config, self.dataset = parts, lora_config, train_config, dataset
+        text_targets = parts.text_encoder_lora_targets if lora_config.train_text_encoder else {}
+        if not parts.unet_lora_targets:
+            raise TrainerInputError("the model has no layers a LoRA can train (is it an SD1.x UNet?).")
+        self.module = LoRANetwork(parts.unet_lora_targets, text_targets, lora_config)
+        self._file_state = None
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return bool(self.lora_config.train_text_encoder)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, **asdict(self.lora_config)}
+
+    def output_path(self, name: str) -> str:
+        return safe_output_path(self.train_config.output_dir, name, self.suffix, overwrite=True)
+
+    def attached(self):
+        return self.module.attached()
+
+    def param_groups(self) -> list:
+        return self.module.param_groups(self.train_config.learning_rate,
+                                        self.train_config.text_encoder_learning_rate)
+
+    def save(self, path, step, key, optimizer_name, optimizer_state):
+        from .formats import lora_metadata, save_lora
+        state_dict = self.module.kohya_state_dict()
+        metadata = lora_metadata(
+            network=self.module, lora_config=self.lora_config, train_config=self.train_config,
+            dataset=self.dataset, parts=self.parts, step=step, optimizer_name=optimizer_name,
+            training_key=key, output_name=os.path.splitext(os.path.basename(path))[0])
+        save_lora(path, state_dict, metadata, overwrite=True)
+        self._file_state = state_dict
+
+    def load_weights(self, path) -> int:
+        from .formats import load_lora
+        state_dict, metadata = load_lora(path)
+        self.module.load_kohya_state_dict(state_dict)
+        self._file_state = state_dict
+        return int(metadata.get("ss_steps", 0) or 0)
+
+    def read_foreign_optimizer_state(self, path):
+        return None
+
+    def file_state_dict(self):
+        return self._file_state
+
+
+class HypernetworkJob:
+    kind = "hypernetwork"
+    suffix = ".pt"
+
+    def __init__(self, parts, hypernetwork_config, train_config, dataset):
+        from .adapters.hypernetwork import Hypernetwork
+        self.parts, self.train_config, self.dataset = parts, train_config, dataset
+        self.hypernetwork_config = hypernetwork_config
+        self.module = Hypernetwork.for_unet(parts.unet, hypernetwork_config)
+
+    trains_text_encoder = False
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, **asdict(self.hypernetwork_config)}
+
+    def output_path(self, name: str) -> str:
+        return safe_output_path(self.train_config.output_dir, name, self.suffix, overwrite=True)
+
+    def attached(self):
+        return self.module.attached(self.parts.unet)
+
+    def param_groups(self) -> list:
+        return self.module.param_groups(self.train_config.learning_rate)
+
+    def save(self, path, step, key, optimizer_name, optimizer_state):
+        from .adapters.hypernetwork import save_hypernetwork, save_optimizer_sidecar
+        name = os.path.splitext(os.path.basename(path))[0]
+        save_hypernetwork(path, self.module, name=name, step=step,
+                          sd_checkpoint=self.parts.base_model_hash[:10],
+                          sd_checkpoint_name=self.parts.base_model_name, overwrite=True)
+        save_optimizer_sidecar(path, optimizer_name, optimizer_state, overwrite=True)
+
+    def load_weights(self, path) -> int:
+        from .adapters.hypernetwork import load_hypernetwork
+        loaded, step = load_hypernetwork(path)
+        self.module.load_state_dict(loaded.state_dict())
+        return step
+
+    def read_foreign_optimizer_state(self, path):
+        """A hypernetwork started in A1111 keeps its optimizer state in `<file>.optim`."""
+        from .adapters.hypernetwork import load_optimizer_sidecar
+        sidecar = load_optimizer_sidecar(path)
+        return None if sidecar is None else sidecar.get("optimizer_state_dict")
+
+    def file_state_dict(self):
+        return None

@@ -1,0 +1,41 @@
+"""What the trainer needs from a model, and nothing more.
+
+A backend (diffusers for the CLI and tests, the ComfyUI bridge inside ComfyUI) builds a
+`ModelParts` from its own objects. The trainer only calls these functions and hooks the
+modules named here, so it never imports ComfyUI or cares where the weights came from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelParts:
+    # The denoiser. LoRA and hypernetwork hooks go on its submodules.
+    unet: nn.Module
+    # (noisy latents [B,4,h,w], integer timesteps [B] in 0..999, context [B,77,768]) -> eps or v
+    predict_noise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    # The text encoder module (hooked when it trains) and a function from captions to context.
+    # Gradients flow through encode_text when a text-encoder LoRA is attached.
+    text_encoder: nn.Module
+    encode_text: Callable[[list], torch.Tensor]
+    # Images [B,3,H,W] in [-1,1] -> latents already multiplied by the VAE scale factor.
+    encode_images: Callable[[torch.Tensor], torch.Tensor]
+    # Latents (scaled) -> images [B,3,H,W] in [-1,1]; used for sample previews only.
+    decode_latents: Optional[Callable[[torch.Tensor], torch.Tensor]]
+    # The DDPM schedule the model was trained with: alphas_cumprod[t] for t in 0..999.
+    alphas_cumprod: torch.Tensor
+    prediction_type: str  # "epsilon" or "v_prediction"
+    # kohya module name -> module, for every module a LoRA may patch (Linear or 1x1 Conv2d).
+    unet_lora_targets: dict = field(default_factory=dict)
+    text_encoder_lora_targets: dict = field(default_factory=dict)
+    device: torch.device = torch.device("cpu")
+    # Weights dtype of the frozen model (fp32 on CPU; fp16/bf16 on a GPU when asked).
+    dtype: torch.dtype = torch.float32
+    # Identifies the base model for file metadata and the training cache.
+    base_model_hash: str = ""
+    base_model_name: str = ""

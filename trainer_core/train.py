@@ -1,0 +1,450 @@
+"""The training loop shared by LoRA and hypernetwork training.
+
+Every random choice of a step (batch order, flips, caption variants, noise, timesteps, dropout)
+is drawn from generators seeded with (seed, step), so a run resumed from a save continues exactly
+as the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .config import TrainConfig
+from .errors import TrainerInputError, TrainingCancelled, TrainingStopped
+from .jobs import HypernetworkJob, LoRAJob
+from .parts import ModelParts
+
+log = logging.getLogger(__name__)
+
+STATE_SUFFIX = ".trainstate"
+TEXT_CACHE_LIMIT = 1024
+PREVIEW_INTERVAL_SECONDS = 2.0
+
+
+@dataclass
+class Callbacks:
+    on_step: Optional[Callable[[int, int, float], None]] = None
+    on_preview: Optional[Callable[[int, object], None]] = None
+    should_stop: Optional[Callable[[], bool]] = None
+
+
+@dataclass
+class TrainResult:
+    adapter: object
+    final_path: str
+    saved_paths: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    steps_done: int = 0
+    from_cache: bool = False
+    kohya_state_dict: Optional[dict] = None
+
+
+def train_lora(parts: ModelParts, dataset, lora_config, train_config: TrainConfig,
+               regularization=None, callbacks: Optional[Callbacks] = None) -> TrainResult:
+    lora_config.validate()
+    job = LoRAJob(parts, lora_config, train_config, dataset)
+    return _run(parts, job, dataset, train_config, regularization, callbacks or Callbacks())
+
+
+def train_hypernetwork(parts: ModelParts, dataset, hypernetwork_config, train_config: TrainConfig,
+                       regularization=None, callbacks: Optional[Callbacks] = None) -> TrainResult:
+    hypernetwork_config.validate()
+    job = HypernetworkJob(parts, hypernetwork_config, train_config, dataset)
+    return _run(parts, job, dataset, train_config, regularization, callbacks or Callbacks())
+
+
+def training_key(job, dataset, config: TrainConfig, regularization, parts: ModelParts) -> str:
+    """Everything that changes what is learned; equal keys mean the same trained file."""
+    payload = {
+        "adapter": job.describe(),
+        "train": config.learning_key(),
+        "dataset": dataset.fingerprint(),
+        "regularization": None if regularization is None else {
+            "dataset": regularization.dataset.fingerprint(),
+            "prior_loss_weight": regularization.prior_loss_weight,
+        },
+        "base_model": parts.base_model_hash,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _run(parts, job, dataset, config: TrainConfig, regularization, callbacks: Callbacks) -> TrainResult:
+    config.validate()
+    if config.batch_size > len(dataset) * dataset.config.repeats:
+        raise TrainerInputError(
+            f"batch_size {config.batch_size} is larger than the dataset ({len(dataset)} images x "
+            f"{dataset.config.repeats} repeats): lower batch_size or add images/repeats.")
+    key = training_key(job, dataset, config, regularization, parts)
+    final_path = job.output_path(config.output_name)
+    cached = _cache_hit(job, final_path, key, config)
+    if cached is not None:
+        return cached
+
+    planned = [job.output_path(f"{config.output_name}_{s}") for s in _save_steps(config)]
+    for path in planned + [final_path]:
+        _check_may_write(path, key, config)
+
+    start_step, losses, optimizer_state = 0, [], None
+    if config.resume_from:
+        start_step, losses, optimizer_state = _resume(job, config.resume_from)
+        if start_step >= config.steps:
+            raise TrainerInputError(
+                f"resume_from {os.path.basename(config.resume_from)} is already at step {start_step}; "
+                f"set steps above {start_step} to train further.")
+
+    loop = _Loop(parts, job, dataset, config, regularization, callbacks, key)
+    saved = loop.run(start_step, losses, optimizer_state, final_path)
+    return TrainResult(adapter=job.module, final_path=final_path, saved_paths=saved, losses=loop.losses,
+                       steps_done=config.steps, from_cache=False, kohya_state_dict=job.file_state_dict())
+
+
+def instance_prompt(dataset_config) -> str:
+    """The prompt that should call up what was learned: "<instance token> <class token>"."""
+    return " ".join(filter(None, [dataset_config.instance_token, dataset_config.class_token]))
+
+
+def _save_steps(config: TrainConfig) -> list:
+    if config.save_every_steps <= 0:
+        return []
+    return list(range(config.save_every_steps, config.steps, config.save_every_steps))
+
+
+def _state_path(path: str) -> str:
+    return path + STATE_SUFFIX
+
+
+def _read_state(path: str) -> Optional[dict]:
+    from .formats import load_training_state
+    state_path = _state_path(path)
+    if not os.path.exists(state_path):
+        return None
+    return load_training_state(state_path)
+
+
+def _cache_hit(job, final_path, key, config) -> Optional[TrainResult]:
+    if config.force_retrain or not os.path.exists(final_path):
+        return None
+    state = _read_state(final_path)
+    if state is None or state.get("training_key") != key:
+        return None
+    step = job.load_weights(final_path)
+    log.info("training cache hit: %s was trained with the same settings, data and model; not retraining",
+             final_path)
+    return TrainResult(adapter=job.module, final_path=final_path, saved_paths=[final_path],
+                       losses=[tuple(x) for x in state.get("losses", [])], steps_done=step,
+                       from_cache=True, kohya_state_dict=job.file_state_dict())
+
+
+def _check_may_write(path, key, config):
+    if not os.path.exists(path) or config.overwrite:
+        return
+    state = _read_state(path)
+    if state is not None and state.get("training_key") == key:
+        return  # an earlier save of this same run (force_retrain or a resumed run): safe to replace
+    raise TrainerInputError(
+        f"{path} already exists from a different training run. Change output_name, or turn on "
+        f"overwrite to replace it.")
+
+
+def _resume(job, path):
+    if not os.path.exists(path):
+        raise TrainerInputError(f"resume_from: {path} does not exist. Pick one of the saved files.")
+    step = job.load_weights(path)
+    state = _read_state(path)
+    if state is None:
+        optimizer_state = job.read_foreign_optimizer_state(path)
+        log.warning("resume_from: %s has no %s file; continuing from step %d with %s optimizer state",
+                    path, STATE_SUFFIX, step, "its" if optimizer_state else "a fresh")
+        return step, [], optimizer_state
+    return int(state["step"]), [tuple(x) for x in state.get("losses", [])], state.get("optimizer")
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for plain fp32. "auto": fp32 on CPU (bf16 is ~10x slower there)."""
+    if precision == "fp32":
+        return None
+    if device.type != "cuda":
+        if precision in ("fp16", "bf16"):
+            log.warning("precision %s asked for on %s; training in fp32 (half precision is slower on a CPU)",
+                        precision, device.type)
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+def _step_seed(seed: int, step: int, stream: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + stream) % (2 ** 63)
+
+
+class _BatchStream:
+    """Batches of one dataset in epoch order; batch n is the same whatever step training resumed at."""
+
+    def __init__(self, dataset, batch_size: int, seed: int):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self._epochs = {}
+        self.per_epoch = len(self._epoch(0))
+
+    def _epoch(self, epoch: int) -> list:
+        if epoch not in self._epochs:
+            self._epochs = {epoch: self.dataset.epoch_batches(self.batch_size, random.Random(self.seed + epoch))}
+        return self._epochs[epoch]
+
+    def batch(self, n: int) -> list:
+        epoch, index = divmod(n, self.per_epoch)
+        return self._epoch(epoch)[index]
+
+
+class _Loop:
+    def __init__(self, parts: ModelParts, job, dataset, config: TrainConfig, regularization, callbacks, key):
+        self.parts, self.job, self.dataset, self.config = parts, job, dataset, config
+        self.regularization, self.callbacks, self.key = regularization, callbacks, key
+        self.device = parts.device
+        self.autocast_dtype = resolve_precision(config.precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.alphas_cumprod = parts.alphas_cumprod.to(self.device, torch.float32)
+        self.instance_batches = _BatchStream(dataset, config.batch_size, config.seed)
+        self.reg_batches = None if regularization is None else _BatchStream(
+            regularization.dataset, config.batch_size, config.seed + 1)
+        self.latent_cache = {}
+        self.text_cache = {}
+        self.losses = []
+        self.saved = []
+        self.last_save = None
+        self._last_preview = 0.0
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self, start_step, losses, optimizer_state, final_path) -> list:
+        from .optim import build_optimizer, lr_factor
+        self.losses = list(losses)
+        job, config = self.job, self.config
+        optimizer, self.optimizer_name = build_optimizer(job.param_groups(), config)
+        if optimizer_state:
+            optimizer.load_state_dict(optimizer_state)
+        base_lrs = [group["lr"] for group in optimizer.param_groups]
+        job.module.train()
+        log.info("training %s for steps %d..%d on %s (%s)", job.kind, start_step + 1, config.steps,
+                 self.device, self.autocast_dtype or "fp32")
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(job.attached())
+            if config.gradient_checkpointing:
+                stack.enter_context(gradient_checkpointing(self.parts.unet))
+            for step in range(start_step + 1, config.steps + 1):
+                if self.callbacks.should_stop and self.callbacks.should_stop():
+                    raise TrainingCancelled(
+                        f"training cancelled at step {step - 1}", last_save=self.last_save, step=step - 1)
+                factor = lr_factor(step - 1, config)
+                for group, base in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base * factor
+                loss = self._optimizer_step(optimizer, step)
+                self.losses.append((step, loss))
+                if self.callbacks.on_step:
+                    self.callbacks.on_step(step, config.steps, loss)
+                if config.save_every_steps and step % config.save_every_steps == 0 and step < config.steps:
+                    self._save(job.output_path(f"{config.output_name}_{step}"), step, optimizer)
+                self._maybe_preview(step)
+            self._save(final_path, config.steps, optimizer)
+        job.module.eval()
+        self._maybe_preview(config.steps, force=True)
+        return self.saved
+
+    def _optimizer_step(self, optimizer, step) -> float:
+        config = self.config
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(config.gradient_accumulation):
+            n = (step - 1) * config.gradient_accumulation + micro
+            torch.manual_seed(_step_seed(config.seed, n, 0))  # adapter dropout
+            loss = self._micro_batch_loss(self.dataset, self.instance_batches.batch(n), n, stream=1)
+            loss = loss / config.gradient_accumulation
+            self._backward(loss)
+            value = loss.detach()
+            if self.reg_batches is not None:
+                reg = self._micro_batch_loss(self.regularization.dataset, self.reg_batches.batch(n), n, stream=2)
+                reg = reg * (self.regularization.prior_loss_weight / config.gradient_accumulation)
+                self._backward(reg)
+                value = value + reg.detach()
+            total += float(value)
+            if not math.isfinite(total):
+                self._stop_non_finite(step)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        return total
+
+    def _backward(self, loss):
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def _stop_non_finite(self, step):
+        where = f"the last good save is {self.last_save}" if self.last_save else "nothing was saved yet"
+        raise TrainingStopped(
+            f"the loss became NaN/inf at step {step}; training stopped and {where}. Lower the "
+            f"learning rate (now {self.config.learning_rate:g}), or use precision fp32/bf16 instead of fp16.",
+            last_save=self.last_save, step=step - 1)
+
+    def _micro_batch_loss(self, dataset, indices, n, stream) -> torch.Tensor:
+        rng = random.Random(_step_seed(self.config.seed, n, stream))
+        generator = torch.Generator().manual_seed(_step_seed(self.config.seed, n, stream + 10))
+        flips = [dataset.config.flip and rng.random() < 0.5 for _ in indices]
+        captions = [dataset.caption(i, rng) for i in indices]
+        latents = self._latents(dataset, indices, flips, generator)
+        context = self._context(captions)
+        batch = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator).to(self.device)
+        if self.config.noise_offset:
+            offset = torch.randn((batch, latents.shape[1], 1, 1), generator=generator).to(self.device)
+            noise = noise + self.config.noise_offset * offset
+        timesteps = torch.randint(0, len(self.alphas_cumprod), (batch,), generator=generator).to(self.device)
+        alpha = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+        if self.parts.prediction_type == "v_prediction":
+            target = alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+        else:
+            target = noise
+        with self._autocast():
+            prediction = self.parts.predict_noise(noisy.to(self.parts.dtype), timesteps, context)
+        per_sample = torch.nn.functional.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        if self.config.min_snr_gamma:
+            per_sample = per_sample * self._min_snr_weight(alpha.view(-1))
+        return per_sample.mean()
+
+    def _min_snr_weight(self, alpha):
+        snr = alpha / (1 - alpha)
+        weight = torch.clamp(snr, max=self.config.min_snr_gamma) / snr
+        if self.parts.prediction_type == "v_prediction":
+            weight = torch.clamp(snr, max=self.config.min_snr_gamma) / (snr + 1)
+        return weight
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _latents(self, dataset, indices, flips, generator):
+        cache = self.config.latent_sampling == "once"
+        out = []
+        for index, flip in zip(indices, flips):
+            key = (id(dataset), index, flip)
+            latent = self.latent_cache.get(key) if cache else None
+            if latent is None:
+                pixels = dataset.pixels(index, flip).unsqueeze(0).to(self.device, self.parts.dtype)
+                with torch.no_grad():
+                    latent = self.parts.encode_images(pixels).float()
+                if cache:
+                    self.latent_cache[key] = latent
+            out.append(latent)
+        return torch.cat(out)
+
+    def _context(self, captions):
+        if self.job.trains_text_encoder:
+            with self._autocast():
+                return self.parts.encode_text(captions)
+        missing = [c for c in dict.fromkeys(captions) if c not in self.text_cache]
+        if missing:
+            if len(self.text_cache) + len(missing) > TEXT_CACHE_LIMIT:
+                self.text_cache.clear()
+            with torch.no_grad(), self._autocast():
+                encoded = self.parts.encode_text(missing)
+            for caption, context in zip(missing, encoded):
+                self.text_cache[caption] = context
+        return torch.stack([self.text_cache[c] for c in captions])
+
+    # -- files --------------------------------------------------------------------------------------
+    def _save(self, path, step, optimizer):
+        from .formats import save_training_state
+        self.job.save(path, step, self.key, self.optimizer_name, optimizer.state_dict())
+        save_training_state(_state_path(path), {
+            "training_key": self.key,
+            "step": step,
+            "losses": [list(x) for x in self.losses],
+            "optimizer": optimizer.state_dict(),
+            "optimizer_name": self.optimizer_name,
+            "config": self.config.learning_key(),
+        })
+        if self.config.loss_csv:
+            self._write_loss_csv(path)
+        self.saved.append(path)
+        self.last_save = path
+        log.info("saved %s (step %d)", path, step)
+
+    def _write_loss_csv(self, path):
+        from .formats import atomic_write
+        csv_path = os.path.splitext(path)[0] + "_loss.csv"
+
+        def write(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write("step,loss\n")
+                f.writelines(f"{s},{v:.6f}\n" for s, v in self.losses)
+        atomic_write(csv_path, write, overwrite=True)
+
+    # -- previews -----------------------------------------------------------------------------------
+    def _maybe_preview(self, step, force=False):
+        if not self.callbacks.on_preview:
+            return
+        sample_now = self.config.sample_every_steps and step % self.config.sample_every_steps == 0
+        now = time.monotonic()
+        if not (force or sample_now or now - self._last_preview >= PREVIEW_INTERVAL_SECONDS):
+            return
+        self._last_preview = now
+        from .plots import loss_chart, side_by_side
+        image = loss_chart(self.losses)
+        if sample_now and self.parts.decode_latents is not None:
+            image = side_by_side([image, self._sample_image()])
+        self.callbacks.on_preview(step, image)
+
+    def _sample_image(self):
+        from .sampling import sample_images
+        prompt = self.config.sample_prompt or instance_prompt(self.dataset.config)
+        size = self.dataset.config.resolution
+        was_training = self.job.module.training
+        self.job.module.eval()
+        try:
+            with torch.no_grad():
+                return sample_images(self.parts, [prompt], seed=self.config.seed, width=size, height=size)[0]
+        finally:
+            self.job.module.train(was_training)
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(unet):
+    """Recompute each transformer block in the backward pass instead of keeping its activations.
+
+    Works on any UNet whose transformer blocks are named `...transformer_blocks.N` (diffusers and
+    ComfyUI both are); adapter hooks inside the blocks run again during recomputation.
+    """
+    from torch.utils.checkpoint import checkpoint
+    blocks = [m for name, m in unet.named_modules() if name.rsplit(".", 2)[-2:-1] == ["transformer_blocks"]]
+    originals = []
+    for block in blocks:
+        original = block.forward
+        originals.append((block, original))
+
+        def forward(*args, _original=original, **kwargs):
+            if not torch.is_grad_enabled():
+                return _original(*args, **kwargs)
+            return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+        block.forward = forward
+    try:
+        yield
+    finally:
+        for block, _ in originals:
+            del block.forward
