@@ -40,11 +40,22 @@ class LoRAJob:
 
     def save(self, path, step, key, optimizer_name, optimizer_state):
         from .formats import lora_metadata, save_lora
-        state_dict = self.module.kohya_state_dict()
+        # fp32, so the file holds exactly the trained weights (and resumes bit-for-bit).
+        state_dict = self.module.kohya_state_dict(dtype=None)
+        lora, train, data = self.lora_config, self.train_config, self.dataset
+        summary = data.summary()
         metadata = lora_metadata(
-            network=self.module, lora_config=self.lora_config, train_config=self.train_config,
-            dataset=self.dataset, parts=self.parts, step=step, optimizer_name=optimizer_name,
-            training_key=key, output_name=os.path.splitext(os.path.basename(path))[0])
+            output_name=os.path.splitext(os.path.basename(path))[0],
+            rank=lora.rank, alpha=lora.alpha, network_dropout=lora.dropout,
+            base_model_name=self.parts.base_model_name, base_model_hash=self.parts.base_model_hash,
+            resolution=data.config.resolution, max_train_steps=train.steps, steps=step,
+            learning_rate=train.learning_rate, unet_lr=train.learning_rate,
+            text_encoder_lr=train.text_encoder_learning_rate if lora.train_text_encoder else None,
+            num_train_images=summary.get("num_images", len(data)) * data.config.repeats,
+            tag_frequency=summary.get("tag_frequency"), seed=train.seed,
+            prediction_type=self.parts.prediction_type, trigger_phrase=data.config.instance_token,
+            extra={"ss_optimizer": optimizer_name, "ss_lr_scheduler": train.lr_scheduler,
+                   "ss_training_key": key})
         save_lora(path, state_dict, metadata, overwrite=True)
         self._file_state = state_dict
 

@@ -1,0 +1,147 @@
+"""Merging a LoRA into weights gives the same outputs as applying it with hooks."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from trainer_core.adapters.lora import LoRAConfig, LoRANetwork
+from trainer_core.errors import TrainerInputError
+from trainer_core.merge import merge_lora, merge_lora_into_modules
+
+torch.set_num_threads(1)
+
+
+class TinySD(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.unet = nn.ModuleDict({"proj_in": nn.Conv2d(6, 8, 1), "to_q": nn.Linear(8, 8)})
+        self.text = nn.ModuleDict({"q_proj": nn.Linear(5, 5)})
+
+    def forward(self, x, tokens):
+        h = self.unet["proj_in"](x).permute(0, 2, 3, 1)
+        return self.unet["to_q"](h), self.text["q_proj"](tokens)
+
+
+KEY_MAP = {
+    "lora_unet_proj_in": "unet.proj_in.weight",
+    "lora_unet_to_q": "unet.to_q.weight",
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj": "text.q_proj.weight",
+}
+
+
+def targets(model):
+    unet = {"lora_unet_proj_in": model.unet["proj_in"], "lora_unet_to_q": model.unet["to_q"]}
+    text = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj": model.text["q_proj"]}
+    return unet, text
+
+
+def trained_lora(model, rank=3, alpha=1.5):
+    torch.manual_seed(1)
+    network = LoRANetwork(*targets(model), LoRAConfig(rank=rank, alpha=alpha, train_text_encoder=True))
+    with torch.no_grad():
+        for lora in network.loras().values():
+            lora.lora_up.weight.normal_()
+    return network
+
+
+def inputs():
+    generator = torch.Generator().manual_seed(2)
+    return torch.randn(2, 6, 3, 3, generator=generator), torch.randn(2, 4, 5, generator=generator)
+
+
+def run(model, state_dict=None):
+    if state_dict is not None:
+        model = copy.deepcopy(model)
+        model.load_state_dict(state_dict)
+    with torch.no_grad():
+        return model(*inputs())
+
+
+def hooked_outputs(model, network, unet_multiplier, text_multiplier):
+    # The hook multiplier is global, so apply each side separately and combine.
+    x, tokens = inputs()
+    with torch.no_grad(), network.attached():
+        network.multiplier = unet_multiplier
+        unet_out = model(x, tokens)[0]
+        network.multiplier = text_multiplier
+        text_out = model(x, tokens)[1]
+    return unet_out, text_out
+
+
+@pytest.mark.parametrize("strength_unet, strength_text", [(1.0, 1.0), (0.6, -0.4), (0.0, 1.0)])
+def test_merged_weights_equal_the_hooked_lora(strength_unet, strength_text):
+    torch.manual_seed(0)
+    model = TinySD()
+    network = trained_lora(model)
+    lora = network.kohya_state_dict(torch.float32)
+    merged = merge_lora(model.state_dict(), lora, KEY_MAP, strength_unet, strength_text)
+    expected = hooked_outputs(model, network, strength_unet, strength_text)
+    for got, want in zip(run(model, merged), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_returns_a_new_dict_and_shares_untouched_tensors():
+    torch.manual_seed(0)
+    model = TinySD()
+    base = model.state_dict()
+    originals = {k: v.clone() for k, v in base.items()}
+    merged = merge_lora(base, trained_lora(model).kohya_state_dict(), KEY_MAP, strength_text_encoder=0.0)
+    assert merged is not base
+    assert all(torch.equal(base[k], originals[k]) for k in base)  # the input is not modified
+    for key in ("unet.proj_in.bias", "unet.to_q.bias", "text.q_proj.weight", "text.q_proj.bias"):
+        assert merged[key] is base[key]
+    assert not torch.equal(merged["unet.to_q.weight"], base["unet.to_q.weight"])
+    assert merged["unet.proj_in.weight"].shape == (8, 6, 1, 1)
+
+
+def test_fp16_base_stays_fp16_and_close_to_the_fp32_merge():
+    torch.manual_seed(0)
+    model = TinySD()
+    lora = trained_lora(model).kohya_state_dict()
+    merged32 = merge_lora(model.state_dict(), lora, KEY_MAP)
+    merged16 = merge_lora({k: v.half() for k, v in model.state_dict().items()}, lora, KEY_MAP)
+    assert all(v.dtype == torch.float16 for v in merged16.values())
+    for key in KEY_MAP.values():
+        torch.testing.assert_close(merged16[key].float(), merged32[key], rtol=1e-3, atol=1e-3)
+
+
+def test_layers_missing_from_the_key_map_are_listed():
+    torch.manual_seed(0)
+    model = TinySD()
+    lora = trained_lora(model).kohya_state_dict()
+    key_map = {"lora_unet_proj_in": "unet.proj_in.weight"}
+    listed = "2 LoRA layer.*lora_te_text_model_encoder_layers_0_self_attn_q_proj, lora_unet_to_q"
+    with pytest.raises(TrainerInputError, match=listed):
+        merge_lora(model.state_dict(), lora, key_map)
+
+
+def test_lora_for_another_model_is_refused_with_shapes():
+    torch.manual_seed(0)
+    model = TinySD()
+    lora = trained_lora(model).kohya_state_dict()
+    base = model.state_dict()
+    base["unet.to_q.weight"] = torch.zeros(8, 16)
+    with pytest.raises(TrainerInputError, match=r"lora_unet_to_q.*\[8, 16\].*another model"):
+        merge_lora(base, lora, KEY_MAP)
+
+
+def test_checkpoint_without_the_weight_is_refused():
+    torch.manual_seed(0)
+    model = TinySD()
+    base = model.state_dict()
+    del base["text.q_proj.weight"]
+    with pytest.raises(TrainerInputError, match="text.q_proj.weight"):
+        merge_lora(base, trained_lora(model).kohya_state_dict(), KEY_MAP)
+
+
+def test_merge_into_modules_in_place_equals_the_hooked_lora():
+    torch.manual_seed(0)
+    model = TinySD()
+    network = trained_lora(model)
+    expected = hooked_outputs(model, network, 0.5, 2.0)
+    clone = copy.deepcopy(model)
+    unet_layers, text_layers = targets(clone)
+    merge_lora_into_modules(unet_layers | text_layers, network.kohya_state_dict(torch.float32), 0.5, 2.0)
+    for got, want in zip(run(clone), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,1 @@
+"""Adapters the trainer attaches to a frozen model: LoRA, hypernetworks."""

@@ -1,0 +1,294 @@
+"""Activation-space LoRA with kohya semantics, attached to a frozen model by forward hooks.
+
+For every target layer (nn.Linear or 1x1 nn.Conv2d, named by its kohya module name):
+
+    y = W x + multiplier * (alpha / rank) * up(down(dropout(x)))
+
+`up` starts at zero, so a new LoRA changes nothing. The hooks are removed when
+`attached()` exits, so the caller's model is never left modified. LoRA weights stay fp32
+whatever the model's dtype: fp16 trainables make GradScaler fail with "Attempting to
+unscale FP16 gradients" and lose small updates.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import TrainerInputError
+from ..formats import describe_state_dict, kohya_modules
+
+UNET_PREFIX = "lora_unet_"
+TEXT_ENCODER_PREFIX = "lora_te_"
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 4
+    alpha: float = 4.0
+    dropout: float = 0.0
+    train_unet: bool = True
+    train_text_encoder: bool = False
+
+    def validate(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise TrainerInputError(
+                f"rank must be a whole number of at least 1 (got {self.rank!r}); 4 to 32 is usual."
+            )
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise TrainerInputError(
+                f"alpha must be a number above 0 (got {self.alpha!r}); alpha = rank gives scale 1, "
+                "alpha = 1 is kohya's default."
+            )
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise TrainerInputError(
+                f"dropout must be at least 0 and below 1 (got {self.dropout!r}); 0 turns it off."
+            )
+        if not (self.train_unet or self.train_text_encoder):
+            raise TrainerInputError("train_unet and train_text_encoder are both off: turn on at least one.")
+
+
+def layer_sizes(target: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a LoRA target, or TypeError for layers LoRA cannot patch."""
+    if isinstance(target, nn.Linear):
+        return target.in_features, target.out_features
+    if isinstance(target, nn.Conv2d) and tuple(target.kernel_size) == (1, 1) and target.groups == 1:
+        return target.in_channels, target.out_channels
+    raise TypeError(f"LoRA targets must be nn.Linear or 1x1 nn.Conv2d, got {target!r}")
+
+
+class LoRAModule(nn.Module):
+    """down/up weights and alpha for one target layer, in kohya's layout."""
+
+    def __init__(self, target: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        in_size, out_size = layer_sizes(target)
+        if isinstance(target, nn.Conv2d):
+            # Same stride/padding as the target so the LoRA output lines up with W x.
+            self.lora_down = nn.Conv2d(
+                in_size, rank, 1, stride=target.stride, padding=target.padding, bias=False
+            )
+            self.lora_up = nn.Conv2d(rank, out_size, 1, bias=False)
+        else:
+            self.lora_down = nn.Linear(in_size, rank, bias=False)
+            self.lora_up = nn.Linear(rank, out_size, bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.lora_down.float()
+        self.lora_up.float()
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.rank = rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def delta(self, x: torch.Tensor, multiplier: float) -> torch.Tensor:
+        """The LoRA term added to the target's output, computed from fp32 input."""
+        hidden = self.lora_down(self.dropout(x.to(torch.float32)))
+        return self.lora_up(hidden) * (multiplier * self.alpha / self.rank)
+
+
+class LoRANetwork(nn.Module):
+    """One LoRAModule per target layer, keyed by kohya module name."""
+
+    def __init__(self, unet_targets: dict, text_encoder_targets: dict, config: LoRAConfig, *, module_ranks=None):
+        """`module_ranks` (kohya name -> rank) overrides config.rank per layer, for files
+        whose layers were resized to different ranks."""
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.multiplier = 1.0
+        _check_prefixes(unet_targets, UNET_PREFIX)
+        _check_prefixes(text_encoder_targets, TEXT_ENCODER_PREFIX)
+        # A plain dict, not a ModuleDict: the model's layers must not become our parameters.
+        self._targets = {}
+        if config.train_unet:
+            self._targets.update(unet_targets)
+        if config.train_text_encoder:
+            self._targets.update(text_encoder_targets)
+        if not self._targets:
+            raise TrainerInputError(
+                "There are no layers to train: the model has no LoRA targets for the parts "
+                "chosen by train_unet / train_text_encoder."
+            )
+        ranks = {name: (module_ranks or {}).get(name, config.rank) for name in self._targets}
+        _check_rank_fits(self._targets, ranks)
+        self.unet_loras = nn.ModuleDict()
+        self.text_encoder_loras = nn.ModuleDict()
+        for name, target in self._targets.items():
+            group = self.unet_loras if name.startswith(UNET_PREFIX) else self.text_encoder_loras
+            group[name] = LoRAModule(target, ranks[name], config.alpha, config.dropout)
+        self._attached = False
+
+    @classmethod
+    def from_kohya_state_dict(
+        cls, state_dict, unet_targets: dict, text_encoder_targets: dict, dropout: float = 0.0
+    ) -> "LoRANetwork":
+        """A network shaped like the file (its ranks, alphas and parts) holding its weights."""
+        modules = _file_modules(state_dict)
+        names = set(modules)
+        train_unet = any(n.startswith(UNET_PREFIX) for n in names)
+        train_text_encoder = any(n.startswith(TEXT_ENCODER_PREFIX) for n in names)
+        expected = set(unet_targets) if train_unet else set()
+        if train_text_encoder:
+            expected |= set(text_encoder_targets)
+        _check_names(names, expected)
+        ranks = {name: m["down"].shape[0] for name, m in modules.items()}
+        rank = Counter(ranks.values()).most_common(1)[0][0]
+        alpha = Counter(_alpha_of(m) for m in modules.values()).most_common(1)[0][0]
+        config = LoRAConfig(rank, alpha, dropout, train_unet, train_text_encoder)
+        network = cls(unet_targets, text_encoder_targets, config, module_ranks=ranks)
+        network.load_kohya_state_dict(state_dict)
+        return network
+
+    def loras(self) -> dict:
+        return {**self.unet_loras, **self.text_encoder_loras}
+
+    @contextmanager
+    def attached(self):
+        """Hook every target for the duration of the block; the model is restored on exit."""
+        if self._attached:
+            raise RuntimeError("this LoRA is already attached")
+        handles = []
+        self._attached = True
+        try:
+            for name, lora in self.loras().items():
+                target = self._targets[name]
+                lora.to(device=_device_of(target))
+                handles.append(target.register_forward_hook(self._hook(lora), with_kwargs=True))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._attached = False
+
+    def _hook(self, lora: LoRAModule):
+        def add_lora(module, args, kwargs, output):
+            if self.multiplier == 0:
+                return output
+            x = args[0] if args else kwargs["input"]
+            return output + lora.delta(x, self.multiplier).to(output.dtype)
+
+        return add_lora
+
+    def param_groups(self, lr_unet: float, lr_text_encoder: float) -> list[dict]:
+        groups = [
+            {"name": "unet", "params": list(self.unet_loras.parameters()), "lr": lr_unet},
+            {"name": "text_encoder", "params": list(self.text_encoder_loras.parameters()), "lr": lr_text_encoder},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def kohya_state_dict(self, dtype=torch.float16) -> dict:
+        """kohya keys: `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` (0-dim)."""
+        state = {}
+        for name, lora in self.loras().items():
+            for key, tensor in (
+                ("lora_down.weight", lora.lora_down.weight),
+                ("lora_up.weight", lora.lora_up.weight),
+                ("alpha", lora.alpha),
+            ):
+                # A copy: training goes on after a save and must not change what was saved.
+                state[f"{name}.{key}"] = tensor.detach().to("cpu", dtype or tensor.dtype, copy=True).contiguous()
+        return state
+
+    def load_kohya_state_dict(self, state_dict) -> None:
+        """Copy a kohya LoRA's weights in; the file must have exactly this network's layers."""
+        modules = _file_modules(state_dict)
+        loras = self.loras()
+        _check_names(set(modules), set(loras))
+        for name, lora in loras.items():
+            down, up = modules[name]["down"], modules[name]["up"]
+            _check_rank(name, down, lora.rank)
+            down = _fit_shape(name, "lora_down", down, lora.lora_down.weight)
+            up = _fit_shape(name, "lora_up", up, lora.lora_up.weight)
+            with torch.no_grad():
+                lora.lora_down.weight.copy_(down)
+                lora.lora_up.weight.copy_(up)
+                lora.alpha.fill_(_alpha_of(modules[name]))
+
+
+def _check_prefixes(targets, prefix):
+    wrong = [name for name in targets if not name.startswith(prefix)]
+    if wrong:
+        raise ValueError(f"LoRA target names must start with {prefix!r}: {wrong[:3]}")
+
+
+def _check_rank_fits(targets, ranks):
+    too_small = {name: min(layer_sizes(t)) for name, t in targets.items() if ranks[name] > min(layer_sizes(t))}
+    if too_small:
+        name = min(too_small, key=too_small.get)
+        raise TrainerInputError(
+            f"rank {ranks[name]} is larger than the smallest layer it would train ({name} has "
+            f"{too_small[name]} features): set rank to {too_small[name]} or less."
+        )
+
+
+def _device_of(module):
+    tensor = next(module.parameters(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _alpha_of(file_module) -> float:
+    # kohya and ComfyUI treat a missing alpha as alpha = rank (scale 1).
+    alpha = file_module["alpha"]
+    return float(alpha) if alpha is not None else float(file_module["down"].shape[0])
+
+
+def _file_modules(state_dict):
+    if not isinstance(state_dict, dict):
+        raise TrainerInputError(f"expected a LoRA state dict, got {type(state_dict).__name__}")
+    return kohya_modules(state_dict)
+
+
+def _check_names(file_names: set, expected: set):
+    if file_names == expected:
+        return
+    unknown = sorted(file_names - expected)
+    missing = sorted(expected - file_names)
+    kind = describe_state_dict([n + ".lora_down.weight" for n in unknown]) if unknown else "a kohya LoRA"
+    if kind == "a kohya LoRA":
+        kind = "a kohya LoRA made for other layers or another model"
+    hint = ""
+    if any(n.startswith(TEXT_ENCODER_PREFIX) for n in unknown) and not any(
+        n.startswith(TEXT_ENCODER_PREFIX) for n in expected
+    ):
+        hint = " The file also trains the text encoder: turn on train_text_encoder."
+    elif any(n.startswith(TEXT_ENCODER_PREFIX) for n in missing) and not any(
+        n.startswith(TEXT_ENCODER_PREFIX) for n in file_names
+    ):
+        hint = " The file has no text-encoder layers: turn off train_text_encoder."
+    raise TrainerInputError(
+        f"This LoRA's layers do not match the model: the file looks like {kind}; expected an "
+        f"SD1.x kohya LoRA with names like {_examples(expected)}. "
+        f"{len(unknown)} layer(s) in the file are unknown to the model (e.g. {_examples(unknown)}), "
+        f"{len(missing)} layer(s) of the model are missing from the file (e.g. {_examples(missing)}).{hint}"
+    )
+
+
+def _examples(names, count=3):
+    names = sorted(names)
+    return ", ".join(names[:count]) if names else "none"
+
+
+def _check_rank(name, down, rank):
+    if down.shape[0] != rank:
+        raise TrainerInputError(
+            f"{name}: the file has rank {down.shape[0]} but this network has rank {rank}. "
+            "Set rank to the file's rank, or build the network from the file "
+            "(LoRANetwork.from_kohya_state_dict)."
+        )
+
+
+def _fit_shape(name, part, tensor, weight):
+    """The file tensor in the layout of `weight`; 1x1 conv weights may come 2-D or 4-D."""
+    if tuple(tensor.shape) == tuple(weight.shape):
+        return tensor
+    if tuple(tensor.shape[:2]) == tuple(weight.shape[:2]) and tensor.numel() == weight.numel():
+        return tensor.reshape(weight.shape)
+    raise TrainerInputError(
+        f"{name}.{part}: the file has shape {list(tensor.shape)} but the model's layer needs "
+        f"{list(weight.shape)}: this LoRA was made for another model (SD2.x or SDXL?). "
+        "Use a LoRA trained on an SD1.x model."
+    )
