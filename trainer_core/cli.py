@@ -17,7 +17,7 @@ from .config import TrainConfig
 from .errors import TrainerInputError, TrainingStopped
 
 SAMPLE_DATASET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_dataset")
-TINY_DEFAULTS = {"resolution": 64, "steps": 150, "save_every_steps": 50}
+TINY_DEFAULTS = {"resolution": 64, "steps": 500, "save_every_steps": 200}
 
 log = logging.getLogger("trainer_core")
 
@@ -149,7 +149,7 @@ def run_train(args) -> int:
 
     from .backends.diffusers import load_parts, tiny_parts
     from .dataset import ImageDataset, regularization_set
-    from .train import Callbacks, instance_prompt, train_hypernetwork, train_lora
+    from .train import Callbacks, train_hypernetwork, train_lora
 
     configs = configs_from_args(args)
     device = _device(args.device)
@@ -160,8 +160,6 @@ def run_train(args) -> int:
         log.info("no --model given: using the tiny built-in model (a demo of the whole path, not a real model)")
         parts = tiny_parts(device=device)
     dataset = ImageDataset.from_folder(configs["dataset"])
-    for warning in dataset.warnings:
-        log.warning(warning)
     reg_options = configs["regularization"]
     regularization = None
     if reg_options.get("folder") or reg_options.get("blank_count"):
@@ -172,9 +170,8 @@ def run_train(args) -> int:
     bar = tqdm(total=train_config.steps, desc="training", unit="step")
 
     def on_step(step, total, loss):
-        bar.n = step
-        bar.set_postfix(loss=f"{loss:.4f}")
-        bar.refresh()
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        bar.update(step - bar.n)
 
     callbacks = Callbacks(on_step=on_step)
     try:
@@ -189,7 +186,7 @@ def run_train(args) -> int:
         print(f"already trained with these settings: {result.final_path} (use --force-retrain to train again)")
     for path in result.saved_paths:
         print(f"saved {path}")
-    write_report(parts, result, train_config, instance_prompt(configs["dataset"]), configs["dataset"].resolution)
+    write_report(parts, result, train_config, configs["dataset"].instance_prompt, configs["dataset"].resolution)
     return 0
 
 

@@ -51,7 +51,7 @@ class LoRAJob:
             resolution=data.config.resolution, max_train_steps=train.steps, steps=step,
             learning_rate=train.learning_rate, unet_lr=train.learning_rate,
             text_encoder_lr=train.text_encoder_learning_rate if lora.train_text_encoder else None,
-            num_train_images=summary.get("num_images", len(data)) * data.config.repeats,
+            num_train_images=summary["num_train_images"], dataset_dirs=summary.get("dataset_dirs"),
             tag_frequency=summary.get("tag_frequency"), seed=train.seed,
             prediction_type=self.parts.prediction_type, trigger_phrase=data.config.instance_token,
             extra={"ss_optimizer": optimizer_name, "ss_lr_scheduler": train.lr_scheduler,

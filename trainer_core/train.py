@@ -52,15 +52,25 @@ class TrainResult:
 def train_lora(parts: ModelParts, dataset, lora_config, train_config: TrainConfig,
                regularization=None, callbacks: Optional[Callbacks] = None) -> TrainResult:
     lora_config.validate()
-    job = LoRAJob(parts, lora_config, train_config, dataset)
+    with _seeded(train_config.seed):
+        job = LoRAJob(parts, lora_config, train_config, dataset)
     return _run(parts, job, dataset, train_config, regularization, callbacks or Callbacks())
 
 
 def train_hypernetwork(parts: ModelParts, dataset, hypernetwork_config, train_config: TrainConfig,
                        regularization=None, callbacks: Optional[Callbacks] = None) -> TrainResult:
     hypernetwork_config.validate()
-    job = HypernetworkJob(parts, hypernetwork_config, train_config, dataset)
+    with _seeded(train_config.seed):
+        job = HypernetworkJob(parts, hypernetwork_config, train_config, dataset)
     return _run(parts, job, dataset, train_config, regularization, callbacks or Callbacks())
+
+
+@contextlib.contextmanager
+def _seeded(seed):
+    """Initial adapter weights come from the run's seed, without touching the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def training_key(job, dataset, config: TrainConfig, regularization, parts: ModelParts) -> str:
@@ -80,10 +90,11 @@ def training_key(job, dataset, config: TrainConfig, regularization, parts: Model
 
 def _run(parts, job, dataset, config: TrainConfig, regularization, callbacks: Callbacks) -> TrainResult:
     config.validate()
-    if config.batch_size > len(dataset) * dataset.config.repeats:
+    images = dataset.summary()["num_train_images"]
+    if config.batch_size > images:
         raise TrainerInputError(
-            f"batch_size {config.batch_size} is larger than the dataset ({len(dataset)} images x "
-            f"{dataset.config.repeats} repeats): lower batch_size or add images/repeats.")
+            f"batch_size {config.batch_size} is larger than the dataset ({images} images with repeats): "
+            f"lower batch_size or add images/repeats.")
     key = training_key(job, dataset, config, regularization, parts)
     final_path = job.output_path(config.output_name)
     cached = _cache_hit(job, final_path, key, config)
@@ -106,11 +117,6 @@ def _run(parts, job, dataset, config: TrainConfig, regularization, callbacks: Ca
     saved = loop.run(start_step, losses, optimizer_state, final_path)
     return TrainResult(adapter=job.module, final_path=final_path, saved_paths=saved, losses=loop.losses,
                        steps_done=config.steps, from_cache=False, kohya_state_dict=job.file_state_dict())
-
-
-def instance_prompt(dataset_config) -> str:
-    """The prompt that should call up what was learned: "<instance token> <class token>"."""
-    return " ".join(filter(None, [dataset_config.instance_token, dataset_config.class_token]))
 
 
 def _save_steps(config: TrainConfig) -> list:
@@ -413,7 +419,7 @@ class _Loop:
 
     def _sample_image(self):
         from .sampling import sample_images
-        prompt = self.config.sample_prompt or instance_prompt(self.dataset.config)
+        prompt = self.config.sample_prompt or self.dataset.config.instance_prompt
         size = self.dataset.config.resolution
         was_training = self.job.module.training
         self.job.module.eval()
