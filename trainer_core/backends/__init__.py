@@ -1,0 +1,1 @@
+"""Backends build `ModelParts` from a model library's objects (diffusers here; ComfyUI in nodes/)."""
