@@ -137,7 +137,15 @@ def _build(cls, values: dict, section: str):
 
 
 def _device(name: str):
+    """The device, joining the process group first under `accelerate launch` / torchrun."""
     import torch
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() and name != "cpu" else "gloo")
+        if torch.cuda.is_available() and name != "cpu":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            return torch.device("cuda", local)
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,6 +153,7 @@ def _device(name: str):
 
 def run_train(args) -> int:
     import torch
+    import torch.distributed as dist
     from tqdm import tqdm
 
     from .backends.diffusers import load_parts, tiny_parts
@@ -182,6 +191,8 @@ def run_train(args) -> int:
                                         regularization, callbacks)
     finally:
         bar.close()
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0  # the first process writes the files and the report
     if result.from_cache:
         print(f"already trained with these settings: {result.final_path} (use --force-retrain to train again)")
     for path in result.saved_paths:

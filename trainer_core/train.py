@@ -222,6 +222,7 @@ class _Loop:
         self.instance_batches = _BatchStream(dataset, config.batch_size, config.seed)
         self.reg_batches = None if regularization is None else _BatchStream(
             regularization.dataset, config.batch_size, config.seed + 1)
+        self.rank, self.world_size = _world()
         self.latent_cache = {}
         self.text_cache = {}
         self.losses = []
@@ -254,7 +255,7 @@ class _Loop:
                     group["lr"] = base * factor
                 loss = self._optimizer_step(optimizer, step)
                 self.losses.append((step, loss))
-                if self.callbacks.on_step:
+                if self.callbacks.on_step and self.rank == 0:
                     self.callbacks.on_step(step, config.steps, loss)
                 if config.save_every_steps and step % config.save_every_steps == 0 and step < config.steps:
                     self._save(job.output_path(f"{config.output_name}_{step}"), step, optimizer)
@@ -269,7 +270,8 @@ class _Loop:
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(config.gradient_accumulation):
-            n = (step - 1) * config.gradient_accumulation + micro
+            # With several processes each takes its own micro-batches of the same stream.
+            n = ((step - 1) * config.gradient_accumulation + micro) * self.world_size + self.rank
             torch.manual_seed(_step_seed(config.seed, n, 0))  # adapter dropout
             loss = self._micro_batch_loss(self.dataset, self.instance_batches.batch(n), n, stream=1)
             loss = loss / config.gradient_accumulation
@@ -281,9 +283,11 @@ class _Loop:
                 self._backward(reg)
                 value = value + reg.detach()
             total += float(value)
-            if not math.isfinite(total):
-                self._stop_non_finite(step)
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        if self.world_size > 1:
+            total = _average_across_processes(params, total)
+        if not math.isfinite(total):
+            self._stop_non_finite(step)
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -376,6 +380,9 @@ class _Loop:
 
     # -- files --------------------------------------------------------------------------------------
     def _save(self, path, step, optimizer):
+        if self.rank != 0:
+            _barrier()
+            return
         from .formats import save_training_state
         self.job.save(path, step, self.key, self.optimizer_name, optimizer.state_dict())
         save_training_state(_state_path(path), {
@@ -391,6 +398,7 @@ class _Loop:
         self.saved.append(path)
         self.last_save = path
         log.info("saved %s (step %d)", path, step)
+        _barrier()
 
     def _write_loss_csv(self, path):
         from .formats import atomic_write
@@ -404,7 +412,7 @@ class _Loop:
 
     # -- previews -----------------------------------------------------------------------------------
     def _maybe_preview(self, step, force=False):
-        if not self.callbacks.on_preview:
+        if not self.callbacks.on_preview or self.rank != 0:
             return
         sample_now = self.config.sample_every_steps and step % self.config.sample_every_steps == 0
         now = time.monotonic()
@@ -428,6 +436,32 @@ class _Loop:
                 return sample_images(self.parts, [prompt], seed=self.config.seed, width=size, height=size)[0]
         finally:
             self.job.module.train(was_training)
+
+
+def _world() -> tuple:
+    """(rank, number of processes) under `accelerate launch` / torchrun, else (0, 1)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average_across_processes(params, loss: float) -> float:
+    import torch.distributed as dist
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+    total = torch.tensor([loss], dtype=torch.float64, device=params[0].device)
+    dist.all_reduce(total)
+    return float(total) / world
+
+
+def _barrier():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 @contextlib.contextmanager
