@@ -59,7 +59,11 @@ def train_lora(parts: ModelParts, dataset, lora_config, train_config: TrainConfi
 
 def train_hypernetwork(parts: ModelParts, dataset, hypernetwork_config, train_config: TrainConfig,
                        regularization=None, callbacks: Optional[Callbacks] = None) -> TrainResult:
+    from .adapters.hypernetwork import learning_rate_warning
     hypernetwork_config.validate()
+    warning = learning_rate_warning(train_config.learning_rate)
+    if warning:
+        log.warning(warning)
     with _seeded(train_config.seed):
         job = HypernetworkJob(parts, hypernetwork_config, train_config, dataset)
     return _run(parts, job, dataset, train_config, regularization, callbacks or Callbacks())
