@@ -257,7 +257,7 @@ class _Loop:
                 factor = lr_factor(step - 1, config)
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * factor
-                loss = self._optimizer_step(optimizer, step)
+                loss = self._guarded_step(optimizer, step)
                 self.losses.append((step, loss))
                 if self.callbacks.on_step and self.rank == 0:
                     self.callbacks.on_step(step, config.steps, loss)
@@ -268,6 +268,20 @@ class _Loop:
         job.module.eval()
         self._maybe_preview(config.steps, force=True)
         return self.saved
+
+    def _guarded_step(self, optimizer, step) -> float:
+        try:
+            return self._optimizer_step(optimizer, step)
+        except torch.OutOfMemoryError as error:
+            optimizer.zero_grad(set_to_none=True)
+            raise TrainingStopped(
+                f"out of memory at step {step} on {self.device} ({self._where()}). To use less memory: "
+                f"batch_size 1, a lower resolution, gradient_checkpointing on, precision auto/fp16, "
+                f"optimizer AdamW8bit, train_text_encoder off, a lower rank.",
+                last_save=self.last_save, step=step - 1) from error
+
+    def _where(self) -> str:
+        return f"last good save: {self.last_save}" if self.last_save else "nothing saved yet"
 
     def _optimizer_step(self, optimizer, step) -> float:
         config = self.config
@@ -309,9 +323,8 @@ class _Loop:
             loss.backward()
 
     def _stop_non_finite(self, step):
-        where = f"the last good save is {self.last_save}" if self.last_save else "nothing was saved yet"
         raise TrainingStopped(
-            f"the loss became NaN/inf at step {step}; training stopped and {where}. Lower the "
+            f"the loss became NaN/inf at step {step}; training stopped ({self._where()}). Lower the "
             f"learning rate (now {self.config.learning_rate:g}), or use precision fp32/bf16 instead of fp16.",
             last_save=self.last_save, step=step - 1)
 
@@ -387,6 +400,19 @@ class _Loop:
         if self.rank != 0:
             _barrier()
             return
+        try:
+            self._write_files(path, step, optimizer)
+        except OSError as error:
+            raise TrainingStopped(
+                f"could not write {path} at step {step}: {error}. Free disk space or choose a writable "
+                f"folder, then resume ({self._where()}, it is intact).",
+                last_save=self.last_save, step=step) from error
+        self.saved.append(path)
+        self.last_save = path
+        log.info("saved %s (step %d)", path, step)
+        _barrier()
+
+    def _write_files(self, path, step, optimizer):
         from .formats import save_training_state
         self.job.save(path, step, self.key, self.optimizer_name, optimizer.state_dict())
         save_training_state(_state_path(path), {
@@ -399,10 +425,6 @@ class _Loop:
         })
         if self.config.loss_csv:
             self._write_loss_csv(path)
-        self.saved.append(path)
-        self.last_save = path
-        log.info("saved %s (step %d)", path, step)
-        _barrier()
 
     def _write_loss_csv(self, path):
         from .formats import atomic_write
