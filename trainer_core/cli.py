@@ -14,7 +14,7 @@ import sys
 from dataclasses import fields
 
 from .config import TrainConfig
-from .errors import TrainerInputError, TrainingStopped
+from .errors import TrainerInputError, TrainingCancelled, TrainingStopped
 
 SAMPLE_DATASET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_dataset")
 TINY_DEFAULTS = {"resolution": 64, "steps": 500, "save_every_steps": 200}
@@ -63,8 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _sections(args) -> dict:
     sections = {"dataset": {}, "train": {}, "lora": {}, "hypernetwork": {}, "regularization": {}}
     if args.config:
-        with open(args.config, encoding="utf-8") as f:
-            loaded = json.load(f)
+        try:
+            with open(args.config, encoding="utf-8") as f:
+                loaded = json.load(f)
+        except (OSError, ValueError) as error:
+            raise TrainerInputError(f"--config {args.config} could not be read: {error}") from error
+        if not isinstance(loaded, dict) or not all(isinstance(v, dict) for v in loaded.values()):
+            raise TrainerInputError(
+                f"--config {args.config} must be a JSON object of sections, e.g. "
+                f'{{"train": {{"steps": 1400}}, "lora": {{"rank": 4}}}}')
         unknown = sorted(set(loaded) - set(sections))
         if unknown:
             raise TrainerInputError(f"{args.config}: unknown section(s) {unknown}; use {sorted(sections)}")
@@ -119,13 +126,17 @@ def configs_from_args(args) -> dict:
     dataset_config.validate()
     suffix = "lora" if args.adapter == "lora" else "hypernet"
     s["train"].setdefault("output_name", args.name or f"{dataset_config.instance_token}_{suffix}")
-    return {
+    configs = {
         "dataset": dataset_config,
         "train": TrainConfig.from_dict(s["train"]),
         "lora": _build(LoRAConfig, s["lora"], "lora"),
         "hypernetwork": _build(HypernetworkConfig, s["hypernetwork"], "hypernetwork"),
         "regularization": s["regularization"],
     }
+    # Everything is checked before a (possibly multi-GB) model is loaded.
+    configs["train"].validate()
+    configs[args.adapter].validate()
+    return configs
 
 
 def _build(cls, values: dict, section: str):
@@ -161,6 +172,9 @@ def run_train(args) -> int:
     from .train import Callbacks, train_hypernetwork, train_lora
 
     configs = configs_from_args(args)
+    output_dir = configs["train"].output_dir
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise TrainerInputError(f"--output-dir {output_dir} is a file: give a folder.")
     device = _device(args.device)
     dtype = torch.float16 if device.type == "cuda" and configs["train"].precision in ("auto", "fp16") else torch.float32
     if args.model:
@@ -174,7 +188,6 @@ def run_train(args) -> int:
     if reg_options.get("folder") or reg_options.get("blank_count"):
         regularization = regularization_set(resolution=configs["dataset"].resolution, **reg_options)
     train_config = configs["train"]
-    os.makedirs(train_config.output_dir, exist_ok=True)
 
     bar = tqdm(total=train_config.steps, desc="training", unit="step")
 
@@ -242,5 +255,7 @@ def main(argv=None) -> int:
         return 2
     except TrainingStopped as error:
         print(f"stopped: {error}", file=sys.stderr)
-        return 1
+        if error.last_save:
+            print(f"continue with: --resume {error.last_save}", file=sys.stderr)
+        return 130 if isinstance(error, TrainingCancelled) else 1
     return 0

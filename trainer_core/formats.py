@@ -72,6 +72,29 @@ def _new_temp_file(folder, name):
             continue
 
 
+def check_writable_folder(folder):
+    """Create `folder` if needed and prove a file can be written there, before hours of training."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        os.remove(_new_temp_file(folder, "write-check"))
+    except OSError as error:
+        raise TrainerInputError(
+            f"output_dir {folder} is not writable ({error.strerror or error}). Choose a folder you can "
+            f"write to, or free disk space.") from error
+
+
+def remove_stale_temp_files(path, sidecars=()):
+    """Delete temp files a killed run left for `path` (and `path + sidecar`): `.<name>.<8 hex>.tmp`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    names = [os.path.basename(path) + extra for extra in ("",) + tuple(sidecars)]
+    pattern = re.compile(r"^\.(%s)\.[0-9a-f]{8}\.tmp$" % "|".join(re.escape(n) for n in names))
+    with suppress(FileNotFoundError):
+        for entry in os.listdir(folder):
+            if pattern.match(entry):
+                with suppress(OSError):
+                    os.remove(os.path.join(folder, entry))
+
+
 def _exists_error(path):
     return OutputExistsError(
         f"{path} already exists. Choose another output name, or turn on overwrite to replace it."
@@ -388,12 +411,12 @@ def load_training_state(path) -> dict:
     except Exception as err:  # torch raises several unrelated types for foreign files
         raise TrainerInputError(
             f"{os.path.basename(path)} is not a training state file written by this trainer "
-            f"({type(err).__name__}). Pick the '.state' file saved next to the LoRA."
+            f"({type(err).__name__}). Delete it to resume with a fresh optimizer state."
         ) from err
     if not isinstance(payload, dict) or payload.get("format") != TRAINING_STATE_FORMAT:
         raise TrainerInputError(
             f"{os.path.basename(path)} is not a training state file written by this trainer. "
-            "Pick the '.state' file saved next to the LoRA."
+            "Delete it to resume with a fresh optimizer state."
         )
     if payload.get("format_version") != TRAINING_STATE_VERSION:
         raise TrainerInputError(

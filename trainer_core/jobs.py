@@ -11,6 +11,7 @@ from .formats import safe_output_path
 class LoRAJob:
     kind = "LoRA"
     suffix = ".safetensors"
+    other_kind_hint = "a .pt file is a hypernetwork: train it with HypernetTrain / --adapter hypernetwork"
 
     def __init__(self, parts, lora_config, train_config, dataset):
         from .adapters.lora import LoRANetwork
@@ -58,11 +59,17 @@ class LoRAJob:
                    "ss_training_key": key})
         save_lora(path, state_dict, metadata, overwrite=True)
         self._file_state = state_dict
+        return [path]
 
     def load_weights(self, path) -> int:
         from .formats import load_lora
         state_dict, metadata = load_lora(path)
         self.module.load_kohya_state_dict(state_dict)
+        alphas = {float(v) for k, v in state_dict.items() if k.endswith(".alpha")}
+        if alphas and alphas != {float(self.lora_config.alpha)}:
+            raise TrainerInputError(
+                f"{os.path.basename(path)} was trained with alpha {', '.join(f'{a:g}' for a in sorted(alphas))} "
+                f"but alpha is set to {self.lora_config.alpha:g}: set alpha to the file's value to continue it.")
         self._file_state = state_dict
         return int(metadata.get("ss_steps", 0) or 0)
 
@@ -76,6 +83,7 @@ class LoRAJob:
 class HypernetworkJob:
     kind = "hypernetwork"
     suffix = ".pt"
+    other_kind_hint = "a .safetensors file is a LoRA: continue it with LoRATrain / --adapter lora"
 
     def __init__(self, parts, hypernetwork_config, train_config, dataset):
         from .adapters.hypernetwork import Hypernetwork
@@ -103,11 +111,24 @@ class HypernetworkJob:
         save_hypernetwork(path, self.module, name=name, step=step,
                           sd_checkpoint=self.parts.base_model_hash[:10],
                           sd_checkpoint_name=self.parts.base_model_name, overwrite=True)
-        save_optimizer_sidecar(path, optimizer_name, optimizer_state, overwrite=True)
+        sidecar = save_optimizer_sidecar(path, optimizer_name, optimizer_state, overwrite=True)
+        return [path, sidecar]
 
     def load_weights(self, path) -> int:
         from .adapters.hypernetwork import load_hypernetwork
         loaded, step = load_hypernetwork(path)
+        ours, theirs = self.hypernetwork_config, loaded.config
+        for field in ("layer_structure", "activation", "layer_norm", "activate_output"):
+            mine, file_value = _comparable(field, getattr(ours, field)), _comparable(field, getattr(theirs, field))
+            if mine != file_value:
+                raise TrainerInputError(
+                    f"{os.path.basename(path)} has {field} {getattr(theirs, field)!r} but this run has "
+                    f"{getattr(ours, field)!r}: set {field} to the file's value to continue it, or start a new "
+                    f"training.")
+        if sorted(loaded.widths) != sorted(self.module.widths):
+            raise TrainerInputError(
+                f"{os.path.basename(path)} was made for attention widths {sorted(loaded.widths)}, this model "
+                f"has {sorted(self.module.widths)}: it belongs to another kind of model.")
         self.module.load_state_dict(loaded.state_dict())
         return step
 
@@ -119,3 +140,10 @@ class HypernetworkJob:
 
     def file_state_dict(self):
         return None
+
+
+def _comparable(field, value):
+    if field == "layer_structure":
+        from .adapters.hypernetwork import parse_layer_structure
+        return [float(x) for x in parse_layer_structure(value)]
+    return value

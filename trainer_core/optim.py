@@ -31,6 +31,13 @@ def build_optimizer(param_groups: list, config) -> tuple:
     return torch.optim.AdamW(param_groups, weight_decay=1e-2), "AdamW"
 
 
+def resolved_optimizer_name(config, device) -> str:
+    """The optimizer a run will really use: AdamW8bit falls back to AdamW off CUDA."""
+    if config.optimizer == "AdamW8bit" and device.type != "cuda":
+        return "AdamW"
+    return config.optimizer
+
+
 def _adamw_8bit(param_groups):
     device = param_groups[0]["params"][0].device
     if device.type != "cuda":

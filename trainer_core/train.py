@@ -22,6 +22,8 @@ import torch
 from .config import TrainConfig
 from .errors import TrainerInputError, TrainingCancelled, TrainingStopped
 from .jobs import HypernetworkJob, LoRAJob
+from .optim import resolved_optimizer_name
+from .formats import check_writable_folder, remove_stale_temp_files
 from .parts import ModelParts
 
 log = logging.getLogger(__name__)
@@ -105,20 +107,25 @@ def _run(parts, job, dataset, config: TrainConfig, regularization, callbacks: Ca
     if cached is not None:
         return cached
 
-    planned = [job.output_path(f"{config.output_name}_{s}") for s in _save_steps(config)]
-    for path in planned + [final_path]:
+    planned = [job.output_path(f"{config.output_name}_{s}") for s in _save_steps(config)] + [final_path]
+    for path in planned:
         _check_may_write(path, key, config)
+    check_writable_folder(config.output_dir)
+    for path in planned:
+        remove_stale_temp_files(path, sidecars=(STATE_SUFFIX, ".optim"))
 
     start_step, losses, optimizer_state = 0, [], None
     if config.resume_from:
-        start_step, losses, optimizer_state = _resume(job, config.resume_from)
+        start_step, losses, optimizer_state = _resume(job, config.resume_from, resolved_optimizer_name(config, parts.device))
         if start_step >= config.steps:
             raise TrainerInputError(
                 f"resume_from {os.path.basename(config.resume_from)} is already at step {start_step}; "
                 f"set steps above {start_step} to train further.")
 
     loop = _Loop(parts, job, dataset, config, regularization, callbacks, key)
-    saved = loop.run(start_step, losses, optimizer_state, final_path)
+    devices = [parts.device.index or 0] if parts.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        saved = loop.run(start_step, losses, optimizer_state, final_path)
     return TrainResult(adapter=job.module, final_path=final_path, saved_paths=saved, losses=loop.losses,
                        steps_done=config.steps, from_cache=False, kohya_state_dict=job.file_state_dict())
 
@@ -166,9 +173,13 @@ def _check_may_write(path, key, config):
         f"overwrite to replace it.")
 
 
-def _resume(job, path):
+def _resume(job, path, optimizer_name):
     if not os.path.exists(path):
         raise TrainerInputError(f"resume_from: {path} does not exist. Pick one of the saved files.")
+    if not path.endswith(job.suffix):
+        raise TrainerInputError(
+            f"resume_from: {os.path.basename(path)} is not a {job.kind} file. A {job.kind} run resumes "
+            f"from a {job.suffix} file it saved ({job.other_kind_hint}).")
     step = job.load_weights(path)
     state = _read_state(path)
     if state is None:
@@ -176,7 +187,12 @@ def _resume(job, path):
         log.warning("resume_from: %s has no %s file; continuing from step %d with %s optimizer state",
                     path, STATE_SUFFIX, step, "its" if optimizer_state else "a fresh")
         return step, [], optimizer_state
-    return int(state["step"]), [tuple(x) for x in state.get("losses", [])], state.get("optimizer")
+    optimizer_state = state.get("optimizer")
+    if state.get("optimizer_name", optimizer_name) != optimizer_name:
+        log.warning("resume_from: %s was trained with %s; starting a fresh %s optimizer state",
+                    path, state.get("optimizer_name"), optimizer_name)
+        optimizer_state = None
+    return int(state["step"]), [tuple(x) for x in state.get("losses", [])], optimizer_state
 
 
 def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -272,6 +288,9 @@ class _Loop:
     def _guarded_step(self, optimizer, step) -> float:
         try:
             return self._optimizer_step(optimizer, step)
+        except KeyboardInterrupt:
+            raise TrainingCancelled(f"training interrupted during step {step} ({self._where()})",
+                                    last_save=self.last_save, step=step - 1) from None
         except torch.OutOfMemoryError as error:
             optimizer.zero_grad(set_to_none=True)
             raise TrainingStopped(
@@ -281,7 +300,7 @@ class _Loop:
                 last_save=self.last_save, step=step - 1) from error
 
     def _where(self) -> str:
-        return f"last good save: {self.last_save}" if self.last_save else "nothing saved yet"
+        return f"last good save: {self.last_save}" if self.last_save else "nothing was saved"
 
     def _optimizer_step(self, optimizer, step) -> float:
         config = self.config
@@ -400,21 +419,28 @@ class _Loop:
         if self.rank != 0:
             _barrier()
             return
+        written = []
         try:
-            self._write_files(path, step, optimizer)
-        except OSError as error:
+            self._write_files(path, step, optimizer, written)
+        except BaseException as error:
+            for done in written:
+                with contextlib.suppress(OSError):
+                    os.remove(done)
+            if not isinstance(error, OSError):
+                raise
             raise TrainingStopped(
                 f"could not write {path} at step {step}: {error}. Free disk space or choose a writable "
-                f"folder, then resume ({self._where()}, it is intact).",
+                f"folder, then resume ({self._where()}).",
                 last_save=self.last_save, step=step) from error
         self.saved.append(path)
         self.last_save = path
         log.info("saved %s (step %d)", path, step)
         _barrier()
 
-    def _write_files(self, path, step, optimizer):
+    def _write_files(self, path, step, optimizer, written):
+        """Writes the adapter file and its sidecars, listing each in `written` once it is on disk."""
         from .formats import save_training_state
-        self.job.save(path, step, self.key, self.optimizer_name, optimizer.state_dict())
+        written.extend(self.job.save(path, step, self.key, self.optimizer_name, optimizer.state_dict()))
         save_training_state(_state_path(path), {
             "training_key": self.key,
             "step": step,
@@ -423,6 +449,7 @@ class _Loop:
             "optimizer_name": self.optimizer_name,
             "config": self.config.learning_key(),
         })
+        written.append(_state_path(path))
         if self.config.loss_csv:
             self._write_loss_csv(path)
 

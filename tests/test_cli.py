@@ -1,0 +1,202 @@
+"""`python -m trainer_core train`: the main paths on the tiny built-in model, and bad input that
+must end with exit code 2 and a message naming the option, never a traceback.
+
+The tiny model is built once per module and handed to the CLI in place of a fresh build (the
+same weights), so each run costs only its training steps.
+"""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from trainer_core.adapters.hypernetwork import load_hypernetwork
+from trainer_core.backends import diffusers as backend
+from trainer_core.cli import main
+from trainer_core.formats import load_lora
+
+
+@pytest.fixture(scope="module")
+def tiny_parts():
+    torch.set_num_threads(1)
+    return backend.tiny_parts(seed=0)
+
+
+@pytest.fixture
+def model(monkeypatch, tiny_parts):
+    """The CLI's no-model path gets the module's tiny model; `calls` counts the builds asked for."""
+    calls = []
+
+    def build(seed=0, device="cpu"):
+        calls.append(device)
+        return tiny_parts
+
+    monkeypatch.setattr(backend, "tiny_parts", build)
+    return calls
+
+
+def train(tmp_path, *args):
+    return main(["train", "--output-dir", str(tmp_path), *args])
+
+
+def adapter_files(folder):
+    return sorted(n for n in os.listdir(folder) if n.endswith((".safetensors", ".pt"))) if folder.exists() else []
+
+
+# --- main paths --------------------------------------------------------------------------------
+
+
+def test_run_without_a_model_trains_the_tiny_model_and_writes_lora_chart_and_samples(model, tmp_path, capsys):
+    assert train(tmp_path, "--steps", "30") == 0
+    assert len(model) == 1, "no --model: the tiny built-in model"
+    assert sorted(os.listdir(tmp_path)) == ["skkmtn_lora.safetensors", "skkmtn_lora.safetensors.trainstate",
+                                            "skkmtn_lora_loss.png", "skkmtn_lora_samples.png"]
+    _, metadata = load_lora(tmp_path / "skkmtn_lora.safetensors")
+    assert metadata["ss_steps"] == "30" and metadata["ss_resolution"] == "(64, 64)"
+    with Image.open(tmp_path / "skkmtn_lora_samples.png") as grid:
+        assert grid.width >= 2 * 128 and grid.height >= 2 * 128  # base/trained x with/without the token
+    with Image.open(tmp_path / "skkmtn_lora_loss.png") as chart:
+        chart.verify()
+    printed = capsys.readouterr().out
+    assert "saved" in printed and "loss chart" in printed and "before/after samples" in printed
+
+
+def test_second_identical_run_is_a_cache_hit(model, tmp_path, capsys):
+    assert train(tmp_path, "--steps", "5") == 0
+    before = (tmp_path / "skkmtn_lora.safetensors").read_bytes()
+    capsys.readouterr()
+    assert train(tmp_path, "--steps", "5") == 0
+    assert "already trained with these settings" in capsys.readouterr().out
+    assert (tmp_path / "skkmtn_lora.safetensors").read_bytes() == before
+
+
+def test_hypernetwork_adapter_writes_an_a1111_file_chart_and_samples(model, tmp_path):
+    assert train(tmp_path, "--adapter", "hypernetwork", "--steps", "10") == 0
+    net, step = load_hypernetwork(tmp_path / "skkmtn_hypernet.pt")
+    assert step == 10 and net.config.layer_structure == "1,2,2,1"
+    assert (tmp_path / "skkmtn_hypernet_loss.png").exists() and (tmp_path / "skkmtn_hypernet_samples.png").exists()
+
+
+# --- bad input: exit code 2 and the option's name ---------------------------------------------
+
+
+def sdxl_file(folder):
+    path = folder / "sdxl.safetensors"
+    save_file({"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(4, 2)},
+              str(path))
+    return path
+
+
+def lora_file(folder):
+    path = folder / "some_lora.safetensors"
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{name}.lora_down.weight": torch.zeros(4, 32, 1, 1), f"{name}.lora_up.weight": torch.zeros(32, 4, 1, 1),
+               f"{name}.alpha": torch.tensor(4.0)}, str(path))
+    return path
+
+
+BAD_OPTIONS = {
+    "steps_zero": (["--steps", "0"], "steps"),
+    "steps_negative": (["--steps", "-5"], "steps"),
+    "lr_zero": (["--lr", "0"], "learning_rate"),
+    "lr_negative": (["--lr=-0.001"], "learning_rate"),
+    "lr_nan": (["--lr", "nan"], "learning_rate"),
+    "resolution": (["--resolution", "100"], "resolution"),
+    "rank_zero": (["--rank", "0"], "rank"),
+    "rank_too_large": (["--rank", "4096"], "rank"),
+    "batch_larger_than_dataset": (["--batch-size", "99"], "batch_size"),
+    "save_every_negative": (["--save-every", "-1"], "save_every_steps"),
+    "layer_structure": (["--adapter", "hypernetwork", "--layer-structure", "2,1"], "layer_structure"),
+    "activation": (["--adapter", "hypernetwork", "--activation", "gelu"], "activation"),
+    "data_missing": (["--data", "{tmp}/nowhere", "--token", "skkmtn"], "{tmp}/nowhere does not exist"),
+    "no_token": (["--data", "{tmp}"], "instance_token"),
+    "resume_missing": (["--resume", "{tmp}/gone.safetensors"], "resume_from"),
+    "model_missing": (["--model", "{tmp}/nowhere.safetensors"], "does not exist"),
+    "model_is_a_lora": (["--model", "{lora}"], "LoRA"),
+    "model_is_sdxl": (["--model", "{sdxl}"], "SDXL"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OPTIONS))
+def test_bad_option_exits_2_naming_the_option(model, tmp_path, capsys, case):
+    args, expected = BAD_OPTIONS[case]
+    places = {"tmp": str(tmp_path), "lora": str(lora_file(tmp_path)), "sdxl": str(sdxl_file(tmp_path))}
+    out = tmp_path / "out"
+    assert train(out, *[a.format(**places) for a in args]) == 2
+    error = capsys.readouterr().err
+    messages = [line for line in error.splitlines() if line.startswith("error: ")]
+    assert len(messages) == 1 and expected.format(**places) in messages[0], error
+    assert "Traceback" not in error
+    assert adapter_files(out) == []
+
+
+def test_option_of_the_wrong_type_is_refused_by_argparse_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train(tmp_path, "--steps", "many")
+    assert exit_.value.code == 2 and "--steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, named", [
+    ({"train": {"stepz": 3}}, "stepz"),
+    ({"lora": {"rnk": 4}}, "rnk"),
+    ({"dataset": {"token": "x"}}, "token"),
+    ({"trainer": {"steps": 3}}, "trainer"),
+])
+def test_config_file_with_an_unknown_key_names_it(model, tmp_path, capsys, content, named):
+    path = tmp_path / "options.json"
+    path.write_text(json.dumps(content))
+    assert train(tmp_path / "out", "--config", str(path)) == 2
+    error = capsys.readouterr().err
+    assert "unknown" in error and repr(named) in error
+    assert adapter_files(tmp_path / "out") == []
+
+
+# --- option files, output folder and Ctrl-C ------------------------------------------------------
+
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"train": 5}'])
+def test_unreadable_config_file_exits_2_naming_it(model, tmp_path, capsys, content):
+    path = tmp_path / "options.json"
+    if content is not None:
+        path.write_text(content)
+    assert train(tmp_path / "out", "--config", str(path)) == 2
+    assert "options.json" in capsys.readouterr().err
+
+
+
+def test_bad_options_are_refused_before_the_model_loads(monkeypatch, tmp_path, capsys):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(backend, "tiny_parts", no_model)
+    assert train(tmp_path, "--steps", "0") == 2
+    assert "steps" in capsys.readouterr().err
+
+
+
+def test_output_dir_that_is_a_file_exits_2_naming_it(model, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert train(tmp_path / "afile", "--steps", "1") == 2
+    assert "afile" in capsys.readouterr().err
+
+
+
+def test_ctrl_c_names_the_last_save_and_how_to_resume(model, tiny_parts, monkeypatch, tmp_path, capsys):
+    calls, real = [], tiny_parts.predict_noise
+
+    def predict_noise(*args):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(tiny_parts, "predict_noise", predict_noise)
+    try:
+        code = train(tmp_path, "--steps", "10", "--save-every", "2")
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C ended the CLI with a traceback")
+    error = capsys.readouterr().err
+    assert code == 130 and "skkmtn_lora_6.safetensors" in error and "--resume" in error
