@@ -1,0 +1,14 @@
+"""The pack's ComfyUI nodes: thin glue from sockets to trainer_core (see comfy_bridge.py)."""
+from comfy_api.latest import ComfyExtension, io
+
+from .dataset import LoadDataset, RegImages
+from .hypernet import ApplyHypernetwork, HypernetTrain
+from .lora import LoRATrain
+from .merge import MergeLoRAToCkpt
+
+NODES = [LoadDataset, RegImages, LoRATrain, HypernetTrain, ApplyHypernetwork, MergeLoRAToCkpt]
+
+
+class TrainerExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

@@ -1,0 +1,450 @@
+"""The only module that touches ComfyUI internals: MODEL/CLIP/VAE in, trainer_core parts out.
+
+Everything here follows how ComfyUI itself runs an SD1.x model, so what the trainer learns is
+what ComfyUI's sampler and LoraLoader see:
+
+- Noise: ComfyUI samples with sigmas and feeds the UNet x / sqrt(sigma^2 + 1) with
+  timestep t(sigma). With alphas_cumprod = 1 / (1 + sigma^2) that input equals the DDPM
+  sample sqrt(a) x0 + sqrt(1 - a) eps, so the trainer's noisy latents go to the UNet as they
+  are, with integer DDPM timesteps.
+- Latents: the VAE output is scaled by the model's latent format (0.18215 for SD1), as
+  ComfyUI does before sampling.
+- LoRA names: ComfyUI's own key maps (the ones LoraLoader uses) name every trained layer, so
+  every tensor we save is one LoraLoader applies.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+
+import torch
+from torch import nn
+
+import comfy.clip_model
+import comfy.lora
+import comfy.lora_convert
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sd
+import comfy.supported_models
+import comfy.utils
+
+from ..trainer_core.errors import TrainerInputError
+from ..trainer_core.parts import ModelParts
+from ..trainer_core.train import Callbacks
+
+# kohya trains the Linear / 1x1 conv layers of every transformer of the UNet and the six
+# Linear layers of every CLIP encoder layer; ComfyUI's key maps hold many more names.
+UNET_TARGET = re.compile(
+    r"^lora_unet_(down_blocks_\d+|mid_block|up_blocks_\d+)_attentions_\d+_"
+    r"(proj_in|proj_out|transformer_blocks_\d+_(attn[12]_to_(q|k|v|out_0)|ff_net_0_proj|ff_net_2))$")
+TEXT_ENCODER_TARGET = re.compile(
+    r"^lora_te_text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])$")
+FINGERPRINT_SAMPLES_PER_TENSOR = 256
+UNUSED_BY_SD1 = ("text_projection.weight", "logit_scale")
+PREVIEW_MAX_SIZE = 1024
+NOT_LOADED_PREFIX = "lora key not loaded: "
+
+
+def check_sd1(model) -> None:
+    """Refuse anything but an SD1.x model before any work is done."""
+    config = model.model.model_config
+    unet = config.unet_config
+    is_sd1 = (isinstance(config, comfy.supported_models.SD15) and unet.get("context_dim") == 768
+              and unet.get("model_channels") == 320 and unet.get("in_channels", 4) == 4)
+    if not is_sd1:
+        raise TrainerInputError(
+            f"the MODEL is a {type(config).__name__} model (context width {unet.get('context_dim')}, "
+            f"{unet.get('in_channels', 4)} latent channels); this pack trains SD1.x models only. "
+            f"Load an SD1.x checkpoint (for example v1-5-pruned-emaonly) in the checkpoint loader.")
+
+
+def build_parts(model, clip, vae) -> ModelParts:
+    """What the trainer needs, taken from ComfyUI's MODEL, CLIP and VAE (loaded fully first)."""
+    comfy.model_management.load_models_gpu([model, clip.patcher, vae.patcher], force_full_load=True)
+    base = model.model
+    unet = base.diffusion_model
+    dtype = base.manual_cast_dtype or base.get_dtype()
+    device = comfy.model_management.get_torch_device()
+    model_sampling = model.get_model_object("model_sampling")
+    latent_format = model.get_model_object("latent_format")
+    text_encoder = clip.cond_stage_model
+
+    def predict_noise(x_t, t, context):
+        # A fresh transformer_options each call: the UNet writes into the dict it is given.
+        return unet(x_t.to(dtype), timesteps=t.float(), context=context.to(dtype), transformer_options={})
+
+    def encode_text(texts):
+        return _encode_text(clip, texts).to(device)
+
+    def encode_images(pixels):
+        images = ((pixels.float() + 1) / 2).clamp(0, 1).movedim(1, -1)
+        return latent_format.process_in(vae.encode(images)).to(device)
+
+    def decode_latents(latents):
+        images = vae.decode(latent_format.process_out(latents.float()))
+        return (images.movedim(-1, 1) * 2 - 1).to(device)
+
+    return ModelParts(
+        unet=unet,
+        predict_noise=predict_noise,
+        text_encoder=text_encoder,
+        encode_text=encode_text,
+        encode_images=encode_images,
+        decode_latents=decode_latents,
+        alphas_cumprod=_alphas_cumprod(model_sampling),
+        prediction_type=_prediction_type(model_sampling),
+        unet_lora_targets=unet_lora_targets(model),
+        text_encoder_lora_targets=text_encoder_lora_targets(clip),
+        device=device,
+        dtype=dtype,
+        base_model_hash=base_model_hash(model, clip, vae),
+        base_model_name="",
+    )
+
+
+def _encode_text(clip, texts):
+    """[B, 77, 768] for B captions, the way CLIPTextEncode encodes one prompt.
+
+    Parentheses are escaped so a caption like "girl (smiling)" is read literally, not as
+    ComfyUI's prompt-weight syntax. Like kohya, a caption longer than 75 tokens is cut there.
+    """
+    tokenized = [clip.tokenize(text.replace("(", "\\(").replace(")", "\\)")) for text in texts]
+    # One 77-token section per caption; ComfyUI encodes sections as one batch and joins them
+    # along the token axis.
+    batch = {key: [tokens[key][0] for tokens in tokenized] for key in tokenized[0]}
+    encoder = clip.cond_stage_model
+    encoder.reset_clip_options()
+    if clip.layer_idx is not None:
+        encoder.set_clip_options({"layer": clip.layer_idx})
+    context = encoder.encode_token_weights(batch)[0]
+    return context.reshape(len(texts), -1, context.shape[-1])
+
+
+def _alphas_cumprod(model_sampling) -> torch.Tensor:
+    if not isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        raise TrainerInputError(
+            f"the MODEL samples with {_class_names(model_sampling)}; training needs SD1's "
+            f"discrete DDPM schedule. Remove model-sampling nodes between the checkpoint loader and the trainer.")
+    sigmas = model_sampling.sigmas.detach().float().cpu()
+    return 1.0 / (1.0 + sigmas ** 2)
+
+
+def _prediction_type(model_sampling) -> str:
+    if isinstance(model_sampling, comfy.model_sampling.V_PREDICTION):
+        return "v_prediction"
+    if isinstance(model_sampling, comfy.model_sampling.EPS):
+        return "epsilon"
+    raise TrainerInputError(
+        f"the MODEL predicts with {_class_names(model_sampling)}; SD1 training supports epsilon "
+        f"and v-prediction models.")
+
+
+def _class_names(model_sampling) -> str:
+    # ComfyUI builds the class from a schedule class and a prediction class.
+    return " + ".join(base.__name__ for base in type(model_sampling).__bases__)
+
+
+def unet_lora_targets(model) -> dict:
+    """kohya name -> UNet layer, from the key map ComfyUI's LoraLoader uses."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    return _targets(key_map, UNET_TARGET, model.model)
+
+
+def text_encoder_lora_targets(clip) -> dict:
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+    return _targets(key_map, TEXT_ENCODER_TARGET, clip.cond_stage_model)
+
+
+def _targets(key_map, pattern, root) -> dict:
+    targets = {}
+    for kohya_name, weight_key in sorted(key_map.items()):
+        if not pattern.match(kohya_name) or not isinstance(weight_key, str):
+            continue
+        module = root.get_submodule(weight_key[:-len(".weight")])
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)):
+            targets[kohya_name] = module
+    return targets
+
+
+def base_model_hash(model, clip, vae) -> str:
+    """A cheap fingerprint of the weights: every tensor's name, shape, dtype and a strided sample.
+
+    The CLIP's projection and logit scale are left out: SD1 files do not hold them, so ComfyUI
+    leaves them uninitialised (different on every load), and SD1 never uses them.
+    """
+    digest = hashlib.sha256()
+    samples = []
+    parts = (("unet.", model.model.diffusion_model), ("te.", clip.cond_stage_model), ("vae.", vae.first_stage_model))
+    for prefix, module in parts:
+        for name, tensor in module.state_dict().items():
+            if name.endswith(UNUSED_BY_SD1):
+                continue
+            digest.update(f"{prefix}{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+            flat = tensor.detach().reshape(-1)
+            if flat.numel():
+                stride = max(1, flat.numel() // FINGERPRINT_SAMPLES_PER_TENSOR)
+                samples.append(flat[::stride][:FINGERPRINT_SAMPLES_PER_TENSOR].float())
+    digest.update(f"clip_layer={clip.layer_idx};".encode())
+    digest.update(torch.cat(samples).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def training_context(*modules):
+    """Gradients on, inside ComfyUI's inference-mode prompt execution.
+
+    Weights loaded while ComfyUI ran a prompt are inference tensors, which autograd refuses
+    to save for backward; they are replaced by normal tensors with the same values (for good:
+    ComfyUI treats them the same, and keeping both would double the memory). Gradients for
+    the frozen weights are switched off for the duration and switched back afterwards.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        restore = [_freeze(module) for module in modules]
+        hooks = [hook for module in modules for hook in _copy_clip_layer_norm_inputs(module)]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for undo in restore:
+                undo()
+            # Hand the memory training held (activations, optimizer state) back to the sampler.
+            comfy.model_management.soft_empty_cache()
+
+
+def _copy_clip_layer_norm_inputs(root: nn.Module) -> list:
+    """ComfyUI's CLIP layers add to their input in place (x += attn(layer_norm1(x))), after the
+    layer norm kept x for its backward pass, so autograd refuses to train through them. Handing
+    the layer norms a copy of x makes the text encoder trainable without touching ComfyUI."""
+    hooks = []
+    for module in root.modules():
+        if isinstance(module, comfy.clip_model.CLIPLayer):
+            for norm in (module.layer_norm1, module.layer_norm2):
+                hooks.append(norm.register_forward_pre_hook(_copy_first_input))
+    return hooks
+
+
+def _copy_first_input(module, args):
+    return (args[0].clone(),) + tuple(args[1:])
+
+
+def _freeze(root: nn.Module):
+    unfrozen = []
+    for module in root.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if param.is_inference():
+                frozen = nn.Parameter(param.clone(), requires_grad=False)
+                module._parameters[name] = frozen
+            else:
+                frozen = param
+            if param.requires_grad:
+                frozen.requires_grad_(False)
+                unfrozen.append(frozen)
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.is_inference():
+                module._buffers[name] = buffer.clone()
+
+    def undo():
+        for param in unfrozen:
+            param.requires_grad_(True)
+    return undo
+
+
+def apply_lora(model, clip, kohya_state_dict, strength_model=1.0, strength_clip=1.0):
+    """(MODEL, CLIP) with the LoRA applied exactly as LoraLoader applies the saved file."""
+    return comfy.sd.load_lora_for_models(model, clip, kohya_state_dict, strength_model, strength_clip)
+
+
+def unmatched_lora_keys(model, clip, kohya_state_dict) -> list:
+    """File keys ComfyUI would not apply: its own "lora key not loaded" list, plus patches
+    that name no weight of the MODEL or CLIP."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    collector = _NotLoadedCollector()
+    with collector.listening():
+        patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(kohya_state_dict)), key_map)
+    landed = set(model.clone().add_patches(patches)) | set(clip.clone().add_patches(patches))
+    return sorted(collector.keys) + sorted(str(k) for k in patches if k not in landed)
+
+
+class _NotLoadedCollector(logging.Handler):
+    """Collects the keys of ComfyUI's "lora key not loaded" warnings."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.keys = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith(NOT_LOADED_PREFIX):
+            self.keys.append(message[len(NOT_LOADED_PREFIX):])
+
+    @contextlib.contextmanager
+    def listening(self):
+        root = logging.getLogger()
+        level = root.level
+        root.addHandler(self)
+        # The warnings must reach this handler even if ComfyUI runs with a quieter log level.
+        if level > logging.WARNING:
+            root.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            root.removeHandler(self)
+            root.setLevel(level)
+
+
+def to_lora_model(kohya_state_dict) -> dict:
+    """Core's LORA_MODEL is a plain {key: tensor} dict that load_lora_for_models reads; kohya
+    keys are among the names it maps, so core's LoraModelLoader and SaveLoRA take it as is."""
+    return dict(kohya_state_dict)
+
+
+def to_loss_map(losses) -> dict:
+    """Core's LOSS_MAP: {"loss": [one value per step]}, as core's LossGraphNode plots it."""
+    return {"loss": [float(loss) for _, loss in losses]}
+
+
+class ComfyCallbacks:
+    """Trainer callbacks that drive the node's progress bar, live preview and Cancel button."""
+
+    def __init__(self, total_steps: int, node_id=None):
+        self.bar = comfy.utils.ProgressBar(total_steps, node_id=node_id)
+        self.interrupted = False
+
+    def callbacks(self) -> Callbacks:
+        return Callbacks(on_step=self.on_step, on_preview=self.on_preview, should_stop=self.should_stop)
+
+    def on_step(self, step, total_steps, loss):
+        self._report(step, total_steps, None)
+
+    def on_preview(self, step, image):
+        self._report(step, self.bar.total, ("PNG", image, PREVIEW_MAX_SIZE))
+
+    def should_stop(self) -> bool:
+        self.interrupted = self.interrupted or comfy.model_management.processing_interrupted()
+        return self.interrupted
+
+    def _report(self, step, total_steps, preview):
+        # ComfyUI's progress hook raises when Cancel was pressed. Raising here would skip the
+        # trainer's bookkeeping, so the cancel is remembered and the trainer stops at its next
+        # step check; the node then raises ComfyUI's interrupt.
+        try:
+            self.bar.update_absolute(step, total_steps, preview)
+        except comfy.model_management.InterruptProcessingException:
+            self.interrupted = True
+
+    def raise_if_interrupted(self):
+        if self.interrupted:
+            raise_interrupted()
+
+
+def raise_interrupted():
+    """Stop the prompt the way ComfyUI's Cancel does (the UI shows "interrupted")."""
+    comfy.model_management.interrupt_current_processing(False)
+    raise comfy.model_management.InterruptProcessingException()
+
+
+# ---------------------------------------------------------------------------------------
+# Added by the HypernetTrain / ApplyHypernetwork / MergeLoRAToCkpt nodes (nodes/hypernet.py,
+# nodes/merge.py).
+
+
+def apply_hypernetwork(model, hypernetwork, strength=1.0):
+    """A clone of MODEL with the hypernetwork in its attention, patched the way core's
+    HypernetworkLoader patches a file (attn1 and attn2 patches on the key/value contexts)."""
+    patched = model.clone()
+    patch = HypernetworkPatch(hypernetwork, strength)
+    patched.set_model_attn1_patch(patch)
+    patched.set_model_attn2_patch(patch)
+    return patched
+
+
+class HypernetworkPatch:
+    """ComfyUI's attention patch: (q, k, v, extra_options) -> (q, k + hn_k(k)*s, v + hn_v(v)*s).
+
+    Holds its own eval-mode copy of the networks, so dropout never acts while generating and
+    ComfyUI moving the patch between devices leaves the caller's object alone. The networks run
+    in fp32 whatever the model's dtype, as in training.
+    """
+
+    def __init__(self, hypernetwork, strength):
+        import copy
+        self.hypernetwork = copy.deepcopy(hypernetwork).eval().requires_grad_(False)
+        self.strength = float(strength)
+        self.widths = set(self.hypernetwork.widths)
+
+    def __call__(self, q, k, v, extra_options):
+        width = k.shape[-1]
+        if width not in self.widths:
+            return q, k, v  # as core: widths the hypernetwork lacks are left alone
+        k_net, v_net = self.hypernetwork.pair(width)
+        return q, k_net(k.float(), self.strength).to(k.dtype), v_net(v.float(), self.strength).to(v.dtype)
+
+    def to(self, device_or_dtype):
+        # ComfyUI calls this with the load device and then with the model's dtype.
+        if not isinstance(device_or_dtype, torch.dtype):
+            self.hypernetwork.to(device_or_dtype)
+        return self
+
+
+def checkpoint_name(prompt, node_id) -> str:
+    """The checkpoint file the node's MODEL came from (following "model" links up to a node with
+    a ckpt_name), for file metadata; "" when the graph does not say."""
+    prompt = prompt or {}
+    node = prompt.get(str(node_id))
+    for _ in range(len(prompt)):  # a prompt has no cycles; the bound only guards a malformed one
+        if node is None:
+            break
+        inputs = node.get("inputs", {})
+        if isinstance(inputs.get("ckpt_name"), str):
+            return inputs["ckpt_name"]
+        link = inputs.get("model")
+        if not (isinstance(link, list) and link):
+            break
+        node = prompt.get(str(link[0]))
+    return ""
+
+
+def checkpoint_state_dict(model, clip, vae) -> dict:
+    """MODEL, CLIP and VAE weights in the single-file SD1 layout core's CheckpointSave writes
+    (model.diffusion_model.*, cond_stage_model.transformer.text_model.*, first_stage_model.*),
+    with the MODEL's and CLIP's patches (e.g. a LoraLoader before this node) baked in.
+    CPU copies the caller owns: ComfyUI unpatches the live weights later."""
+    # As comfy.sd.save_checkpoint: load with the patches written into the weights.
+    comfy.model_management.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
+    state = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd())
+    return {key: tensor.detach().to("cpu", copy=True) for key, tensor in state.items()}
+
+
+def checkpoint_lora_keys(model, clip) -> dict:
+    """kohya LoRA name -> key of its weight in checkpoint_state_dict(): the key maps LoraLoader
+    uses, carried into the saved layout by the model's own saving key conversion."""
+    config = model.model.model_config
+    unet_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    clip_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+    prefix = "diffusion_model."
+    # The conversions rename keys and leave values alone, so a {key: original key} dict passes
+    # through them and comes out as {saved key: original key}.
+    unet_keys = {k[len(prefix):]: k for k in unet_map.values() if isinstance(k, str) and k.startswith(prefix)}
+    clip_keys = {k: k for k in clip_map.values() if isinstance(k, str)}
+    saved = {**config.process_unet_state_dict_for_saving(unet_keys),
+             **config.process_clip_state_dict_for_saving(clip_keys)}
+    saved_key = {original: key for key, original in saved.items()}
+    return {name: saved_key[key] for name, key in {**unet_map, **clip_map}.items()
+            if isinstance(key, str) and key in saved_key}
+
+
+def models_from_checkpoint_state_dict(state_dict):
+    """(MODEL, CLIP) built from a checkpoint state dict the way Load Checkpoint builds them from
+    a file: new, independent models."""
+    import folder_paths
+    model, clip, _, _ = comfy.sd.load_state_dict_guess_config(
+        dict(state_dict), output_vae=False, output_clip=True,
+        embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    return model, clip

@@ -1,0 +1,204 @@
+"""LoRATrain: trains a kohya-format LoRA on the MODEL/CLIP and hands back the patched pair."""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+from comfy_api.latest import io, ui
+
+from ..trainer_core.config import LR_SCHEDULERS, OPTIMIZERS, PRECISIONS
+from .types import RegularizationSet, TrainingDataset
+
+log = logging.getLogger(__name__)
+
+NO_RESUME = "none"
+MAX_SEED = 2 ** 32 - 1
+
+
+def lora_folder() -> str:
+    """Where LoRAs are written: the first "loras" folder, the one LoraLoader lists first."""
+    import folder_paths
+    return folder_paths.get_folder_paths("loras")[0]
+
+
+def resumable_loras() -> list:
+    import folder_paths
+    return [name for name in folder_paths.get_filename_list("loras") if name.endswith(".safetensors")]
+
+
+def resume_path(choice: str) -> str:
+    if choice == NO_RESUME:
+        return ""
+    import folder_paths
+    return folder_paths.get_full_path_or_raise("loras", choice)
+
+
+def image_tensor(image) -> torch.Tensor:
+    """A PIL image as a one-image ComfyUI IMAGE batch."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+class LoRATrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoRATrain",
+            display_name="Train LoRA (SD1.x)",
+            category="training",
+            description=(
+                "Teaches an SD1.x model your subject from a LoadDataset, as a small add-on file (a "
+                "LoRA) saved in models/loras. Outputs the model and CLIP with the LoRA applied, so "
+                "a KSampler after it shows the result at once. Queueing it again with the same "
+                "settings and pictures loads the saved file instead of training again."),
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.x model to train on, from a checkpoint loader."),
+                io.Clip.Input("clip", tooltip="The text encoder (CLIP) from the same checkpoint loader."),
+                io.Vae.Input("vae", tooltip="The VAE from the same checkpoint loader; it turns the "
+                                            "training pictures into the model's latent space."),
+                TrainingDataset.Input("dataset", tooltip="The pictures and captions from LoadDataset."),
+                RegularizationSet.Input(
+                    "regularization", optional=True,
+                    tooltip="Optional: class pictures from RegImages, trained alongside so the model "
+                            "still draws the ordinary class without your instance token."),
+                io.String.Input(
+                    "output_name", default="skkmtn_lora",
+                    tooltip="File name of the LoRA in models/loras (.safetensors is added). "
+                            "Intermediate saves are named <output_name>_<step>."),
+                io.Int.Input(
+                    "steps", default=1400, min=1, max=100000,
+                    tooltip="How many training steps. The guides use about 1400 for 10-30 pictures; "
+                            "more steps learn more but can overdo it (pictures look burnt or stiff)."),
+                io.Float.Input(
+                    "learning_rate", default=1e-3, min=1e-7, max=1.0, step=1e-6,
+                    tooltip="How big each learning step is for the image model (UNet). 1e-3 is the "
+                            "guides' LoRA value; lower it if results break up, raise it if nothing changes."),
+                io.Float.Input(
+                    "text_encoder_learning_rate", default=5e-5, min=1e-7, max=1.0, step=1e-6,
+                    tooltip="The step size for the text encoder, used only when train_text_encoder is on. "
+                            "Keep it much smaller than learning_rate (5e-5 is usual)."),
+                io.Boolean.Input(
+                    "train_text_encoder", default=False,
+                    tooltip="Also teach the text encoder (CLIP) the new word. Can learn the token "
+                            "faster, but uses more memory and overfits more easily."),
+                io.Int.Input(
+                    "rank", default=4, min=1, max=256,
+                    tooltip="How much the LoRA can hold (its size). 4-32 is usual; bigger files learn "
+                            "more detail and overfit sooner."),
+                io.Float.Input(
+                    "alpha", default=4.0, min=0.01, max=1024.0, step=0.01,
+                    tooltip="Scales the LoRA's effect by alpha / rank. alpha = rank gives scale 1; "
+                            "alpha = 1 (kohya's default) needs a larger learning rate."),
+                io.Int.Input(
+                    "batch_size", default=1, min=1, max=64,
+                    tooltip="Pictures per step. More is smoother but needs more memory; 1 is fine."),
+                io.Int.Input(
+                    "gradient_accumulation", default=1, min=1, max=256,
+                    tooltip="Adds up this many batches before each step: acts like a bigger batch "
+                            "without the memory. 1 = off."),
+                io.Combo.Input(
+                    "optimizer", options=list(OPTIMIZERS), default="AdamW",
+                    tooltip="How weights are updated. AdamW: standard. AdamW8bit: less memory (needs "
+                            "bitsandbytes and a GPU). Prodigy: finds its own step size (set learning "
+                            "rates to 1.0)."),
+                io.Combo.Input(
+                    "lr_scheduler", options=list(LR_SCHEDULERS), default="constant",
+                    tooltip="How the learning rate changes over the run: constant, or falling to zero "
+                            "(cosine, linear)."),
+                io.Int.Input(
+                    "warmup_steps", default=0, min=0, max=100000,
+                    tooltip="Steps at the start during which the learning rate rises from 0. 0 = none."),
+                io.Combo.Input(
+                    "precision", options=list(PRECISIONS), default="auto",
+                    tooltip="Number format while training. auto: fp16/bf16 on an NVIDIA GPU (faster, "
+                            "less memory), fp32 on a CPU (where half precision is slower)."),
+                io.Boolean.Input(
+                    "gradient_checkpointing", default=False,
+                    tooltip="Saves a lot of GPU memory at about 20-30% more time. Turn on for 8 GB cards."),
+                io.Int.Input(
+                    "seed", default=0, min=0, max=MAX_SEED, control_after_generate=False,
+                    tooltip="Makes training repeatable: the same seed, settings and pictures give the "
+                            "same LoRA (and let a re-queue reuse the saved file)."),
+                io.Int.Input(
+                    "save_every_steps", default=0, min=0, max=100000,
+                    tooltip="Also save the LoRA every this many steps (<output_name>_<step>), to pick "
+                            "the best one or resume later. 0 = only the final file."),
+                io.Int.Input(
+                    "sample_every_steps", default=0, min=0, max=100000,
+                    tooltip="Show a sample picture of '<instance_token> <class_token>' beside the loss "
+                            "chart every this many steps (costs time). 0 = loss chart only."),
+                io.Combo.Input(
+                    "resume_from", options=[NO_RESUME] + resumable_loras(), default=NO_RESUME,
+                    tooltip="Continue training from a LoRA saved earlier by this node (e.g. an "
+                            "intermediate save), up to 'steps' in total. none = start fresh."),
+                io.Boolean.Input(
+                    "overwrite", default=False,
+                    tooltip="Allow replacing an existing file of the same name that was trained with "
+                            "other settings. Off: such a clash stops with a message instead."),
+                io.Boolean.Input(
+                    "force_retrain", default=False,
+                    tooltip="Train again even if a file trained with exactly these settings exists."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
+                io.Clip.Output(display_name="clip", tooltip="The CLIP with the LoRA applied (changed only "
+                                                            "when train_text_encoder is on)."),
+                io.LoraModel.Output(display_name="lora",
+                                    tooltip="The LoRA weights, for core's Load LoRA Model or Save LoRA Weights "
+                                            "nodes (those apply the model part only)."),
+                io.LossMap.Output(display_name="loss", tooltip="The loss of every step, for core's Plot "
+                                                               "Loss Graph node."),
+                io.String.Output(display_name="lora_name",
+                                 tooltip="The saved file's name inside models/loras, as LoraLoader lists it."),
+            ],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset, output_name, steps, learning_rate, text_encoder_learning_rate,
+                train_text_encoder, rank, alpha, batch_size, gradient_accumulation, optimizer, lr_scheduler,
+                warmup_steps, precision, gradient_checkpointing, seed, save_every_steps, sample_every_steps,
+                resume_from, overwrite, force_retrain, regularization=None) -> io.NodeOutput:
+        from ..trainer_core.adapters.lora import LoRAConfig
+        from ..trainer_core.config import TrainConfig
+        from ..trainer_core.errors import TrainingCancelled
+        from ..trainer_core.plots import loss_chart
+        from ..trainer_core.train import train_lora
+        from . import comfy_bridge as bridge
+
+        bridge.check_sd1(model)
+        output_dir = lora_folder()
+        lora_config = LoRAConfig(rank=rank, alpha=alpha, train_text_encoder=train_text_encoder)
+        train_config = TrainConfig(
+            output_dir=output_dir, output_name=output_name, steps=steps, batch_size=batch_size,
+            gradient_accumulation=gradient_accumulation, seed=seed, learning_rate=learning_rate,
+            text_encoder_learning_rate=text_encoder_learning_rate, optimizer=optimizer,
+            lr_scheduler=lr_scheduler, warmup_steps=warmup_steps, precision=precision,
+            gradient_checkpointing=gradient_checkpointing, save_every_steps=save_every_steps,
+            sample_every_steps=sample_every_steps, resume_from=resume_path(resume_from),
+            overwrite=overwrite, force_retrain=force_retrain)
+        progress = bridge.ComfyCallbacks(steps, cls.hidden.unique_id)
+        parts = bridge.build_parts(model, clip, vae)
+        parts.base_model_name = bridge.checkpoint_name(cls.hidden.prompt, cls.hidden.unique_id)
+        trained = [parts.unet, parts.text_encoder] if train_text_encoder else [parts.unet]
+        try:
+            with bridge.training_context(*trained):
+                result = train_lora(parts, dataset, lora_config, train_config, regularization,
+                                    progress.callbacks())
+        except TrainingCancelled as stopped:
+            log.info("LoRA training cancelled at step %d; last save: %s", stopped.step, stopped.last_save)
+            bridge.raise_interrupted()
+        progress.raise_if_interrupted()
+
+        state_dict = result.kohya_state_dict
+        unmatched = bridge.unmatched_lora_keys(model, clip, state_dict)
+        if unmatched:
+            raise RuntimeError(
+                f"ComfyUI's LoRA loader would ignore {len(unmatched)} key(s) of {result.final_path}, e.g. "
+                f"{unmatched[:3]}. This is a bug in the trainer pack; please report it with this message.")
+        lora_model, lora_clip = bridge.apply_lora(model, clip, state_dict)
+        name = os.path.relpath(result.final_path, output_dir).replace(os.sep, "/")
+        chart = image_tensor(loss_chart(result.losses))
+        return io.NodeOutput(lora_model, lora_clip, bridge.to_lora_model(state_dict),
+                             bridge.to_loss_map(result.losses), name, ui=ui.PreviewImage(chart, cls=cls))
