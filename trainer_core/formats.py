@@ -72,6 +72,15 @@ def _new_temp_file(folder, name):
             continue
 
 
+def file_short_hash(path) -> str:
+    """A1111's short hash of a file (checkpoints, hypernetworks): the first 10 hex digits of its sha256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:10]
+
+
 def check_writable_folder(folder):
     """Create `folder` if needed and prove a file can be written there, before hours of training."""
     try:

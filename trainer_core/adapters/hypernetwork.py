@@ -20,7 +20,6 @@ ComfyUI rebuilds the Sequential from the `.weight` keys in file order and ignore
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import TrainerInputError
-from ..formats import atomic_write, describe_state_dict
+from ..formats import atomic_write, describe_state_dict, file_short_hash
 
 log = logging.getLogger(__name__)
 
@@ -483,15 +482,6 @@ def _load_pt(path):
         raise _not_a_hypernetwork(
             f"{name} could not be read as a plain PyTorch file ({type(error).__name__}); a full checkpoint "
             "or a file from another tool?") from None
-
-
-def file_short_hash(path) -> str:
-    """A1111's `Hypernetwork.shorthash()`: the first 10 hex digits of the file's sha256."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:10]
 
 
 def save_optimizer_sidecar(pt_path, optimizer_name: str, optimizer_state_dict: dict,

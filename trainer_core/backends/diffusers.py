@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import TrainerInputError
+from ..formats import file_short_hash
 from ..parts import ModelParts
 
 log = logging.getLogger(__name__)
@@ -395,15 +396,6 @@ def _load_pickled_checkpoint(path) -> dict:
 def _tensor_shapes(state_dict) -> dict:
     return {str(key): tuple(value.shape) if isinstance(value, torch.Tensor) else None
             for key, value in state_dict.items()}
-
-
-def file_short_hash(path) -> str:
-    """A1111's short hash of a checkpoint: the first 10 hex digits of the file's sha256."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:10]
 
 
 def _folder_hash(path) -> str:
