@@ -5,8 +5,10 @@ from .dataset import LoadDataset, RegImages
 from .hypernet import ApplyHypernetwork, HypernetTrain
 from .lora import LoRATrain
 from .merge import MergeLoRAToCkpt
+from .preview import LossChart, StepComparisonGrid, TriggerComparison
 
-NODES = [LoadDataset, RegImages, LoRATrain, HypernetTrain, ApplyHypernetwork, MergeLoRAToCkpt]
+NODES = [LoadDataset, RegImages, LoRATrain, HypernetTrain, ApplyHypernetwork, MergeLoRAToCkpt, LossChart,
+         TriggerComparison, StepComparisonGrid]
 
 
 class TrainerExtension(ComfyExtension):

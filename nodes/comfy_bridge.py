@@ -27,6 +27,7 @@ import comfy.lora
 import comfy.lora_convert
 import comfy.model_management
 import comfy.model_sampling
+import comfy.sample
 import comfy.sd
 import comfy.supported_models
 import comfy.utils
@@ -448,3 +449,53 @@ def models_from_checkpoint_state_dict(state_dict):
         dict(state_dict), output_vae=False, output_clip=True,
         embedding_directory=folder_paths.get_folder_paths("embeddings"))
     return model, clip
+
+
+# ---------------------------------------------------------------------------------------
+# Added by the comparison and chart nodes (nodes/preview.py): pictures made exactly the way
+# CLIPTextEncode -> EmptyLatentImage -> KSampler -> VAEDecode make them, and core's LOSS_MAP read.
+
+
+def losses_from_loss_map(loss_map) -> list:
+    """[(step, loss)] from a LOSS_MAP (ours or core's TrainLoraNode's: one value per step,
+    floats or 0-d tensors)."""
+    values = (loss_map or {}).get("loss", [])
+    return [(step, float(value)) for step, value in enumerate(values, start=1)]
+
+
+class KSamplerPictures:
+    """Pictures with fixed sampler settings, each made as KSampler makes it from an empty
+    latent (same noise from the seed, same sampling call), decoded as VAEDecode decodes it.
+    One progress bar on the node runs across all `count` pictures."""
+
+    def __init__(self, vae, seed, steps, cfg, sampler_name, scheduler, width, height, count, node_id=None):
+        self.vae = vae
+        self.seed, self.steps, self.cfg = seed, steps, cfg
+        self.sampler_name, self.scheduler = sampler_name, scheduler
+        self.width, self.height = width, height
+        self.total = steps * count
+        self.done = 0
+        self.bar = comfy.utils.ProgressBar(self.total, node_id=node_id)
+
+    def picture(self, model, clip, prompt, negative_prompt) -> torch.Tensor:
+        """One IMAGE [1, height, width, 3] for the prompt on this MODEL and CLIP."""
+        positive, negative = encode_prompt(clip, prompt), encode_prompt(clip, negative_prompt)
+        latent = torch.zeros([1, 4, self.height // 8, self.width // 8],
+                             device=comfy.model_management.intermediate_device())
+        latent = comfy.sample.fix_empty_latent_channels(model, latent)
+        noise = comfy.sample.prepare_noise(latent, self.seed)
+        samples = comfy.sample.sample(
+            model, noise, self.steps, self.cfg, self.sampler_name, self.scheduler, positive, negative, latent,
+            denoise=1.0, callback=self._step_done, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+            seed=self.seed)
+        self.done += self.steps
+        images = self.vae.decode(samples)
+        return images.reshape(-1, *images.shape[-3:])  # video VAEs add a frame axis; SD1's does not
+
+    def _step_done(self, step, x0, x, total_steps):
+        self.bar.update_absolute(self.done + step + 1, self.total)
+
+
+def encode_prompt(clip, text):
+    """The conditioning CLIPTextEncode makes from one prompt."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))

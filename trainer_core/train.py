@@ -279,10 +279,10 @@ class _Loop:
                     self.callbacks.on_step(step, config.steps, loss)
                 if config.save_every_steps and step % config.save_every_steps == 0 and step < config.steps:
                     self._save(job.output_path(f"{config.output_name}_{step}"), step, optimizer)
-                self._maybe_preview(step)
+                # The last step always shows its chart (and sample) while the adapter is attached.
+                self._maybe_preview(step, force=step == config.steps)
             self._save(final_path, config.steps, optimizer)
         job.module.eval()
-        self._maybe_preview(config.steps, force=True)
         return self.saved
 
     def _guarded_step(self, optimizer, step) -> float:

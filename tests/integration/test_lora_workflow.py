@@ -50,6 +50,8 @@ class Example:
             prompt[i]["inputs"].update(width=RESOLUTION, height=RESOLUTION)
         for i in samplers:
             prompt[i]["inputs"]["steps"] = 2
+        for i in node_ids(prompt, "TriggerComparison") + node_ids(prompt, "StepComparisonGrid"):
+            prompt[i]["inputs"].update(steps=2, width=RESOLUTION, height=RESOLUTION)
         prompt[self.train]["inputs"].update({"steps": 4, "save_every_steps": 2, **train_overrides})
         self.prompt = prompt
 
