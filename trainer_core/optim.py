@@ -28,7 +28,18 @@ def build_optimizer(param_groups: list, config) -> tuple:
         groups = [dict(g, lr=1.0 * g["lr"] / param_groups[0]["lr"]) for g in param_groups]
         return Prodigy(groups, lr=1.0, weight_decay=0.01, safeguard_warmup=True,
                        use_bias_correction=True), "Prodigy"
-    return torch.optim.AdamW(param_groups, weight_decay=1e-2), "AdamW"
+    return torch.optim.AdamW(param_groups, weight_decay=1e-2, **_fast_path(param_groups)), "AdamW"
+
+
+def _fast_path(param_groups) -> dict:
+    """The fused kernel where torch has one for these tensors, else the multi-tensor loop.
+
+    Plain AdamW on a CPU updates tensor by tensor in Python: ~5x slower for a LoRA's ~100 tensors.
+    """
+    params = [p for group in param_groups for p in group["params"]]
+    if all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
+        return {"fused": True}
+    return {"foreach": True}
 
 
 def resolved_optimizer_name(config, device) -> str:

@@ -86,8 +86,14 @@ class LoRAModule(nn.Module):
 
     def delta(self, x: torch.Tensor, multiplier: float) -> torch.Tensor:
         """The LoRA term added to the target's output, computed from fp32 input."""
-        hidden = self.lora_down(self.dropout(x.to(torch.float32)))
-        return self.lora_up(hidden) * (multiplier * self.alpha / self.rank)
+        return self.unscaled_delta(x) * (multiplier * self.scale())
+
+    def unscaled_delta(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_up(self.lora_down(self.dropout(x.to(torch.float32))))
+
+    def scale(self) -> float:
+        """alpha / rank as a Python number (reading a GPU tensor in every forward would sync)."""
+        return float(self.alpha) / self.rank
 
 
 class LoRANetwork(nn.Module):
@@ -165,11 +171,13 @@ class LoRANetwork(nn.Module):
             self._attached = False
 
     def _hook(self, lora: LoRAModule):
+        scale = lora.scale()  # alpha does not change while attached
+
         def add_lora(module, args, kwargs, output):
             if self.multiplier == 0:
                 return output
             x = args[0] if args else kwargs["input"]
-            return output + lora.delta(x, self.multiplier).to(output.dtype)
+            return torch.add(output, lora.unscaled_delta(x).to(output.dtype), alpha=self.multiplier * scale)
 
         return add_lora
 

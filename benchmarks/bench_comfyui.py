@@ -1,0 +1,535 @@
+"""Our LoRATrain node against ComfyUI's own TrainLoraNode, side by side in one real ComfyUI.
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_comfyui.py [--checkpoint sd15.safetensors]
+        [--steps 20] [--threads 2] [--rank 4] [--batch 1] [--resolution 64]
+
+Both trainers train the same SD1 checkpoint on the same pictures (the pack's sample_dataset) at
+the same resolution, batch, rank and number of steps, each as a queued prompt run by ComfyUI's
+own executor:
+
+  ours: CheckpointLoaderSimple -> LoadDataset -> LoRATrain -> SaveLoRANode
+  core: CheckpointLoaderSimple -> LoadImageTextSetFromFolderNode (captions encoded by the CLIP)
+        -> VAEEncode -> TrainLoraNode -> SaveLoRANode
+
+Core's node runs at its fastest CPU setting (training_dtype and lora_dtype fp32, gradient
+checkpointing off) and once more at its defaults (bf16, checkpointing on). Each trainer runs in
+a fresh subprocess, so its peak memory (RSS on CPU, allocated VRAM on CUDA) is its own. Seconds
+per step are the median step-to-step interval after warm-up, model load excluded: ours from its
+progress bar, core's from its per-step loss callback (it has no progress bar). The lower bound
+is one forward+backward of the same ComfyUI UNet with no adapter. The CLI line is
+benchmarks/bench_cli.py on the diffusers backend (the tiny built-in model, or --checkpoint).
+With no --checkpoint the tiny SD1 checkpoint of the integration tests is written and used.
+Compare only figures from one run: the machine and thread count must be the same.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INTEGRATION = os.path.join(REPO, "tests", "integration")
+SAMPLES = os.path.join(REPO, "sample_dataset")
+BENCH_CLI = os.path.join(REPO, "benchmarks", "bench_cli.py")
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
+RESULT_MARK = "BENCH_RESULT "
+CHECKPOINT_NAME = "bench_sd1.safetensors"
+CORE_DATASET_FOLDER = "bench_samples"
+INSTANCE_TOKEN = "skkmtn"
+LEARNING_RATE = 1e-4
+WARMUP = 3
+# Step timestamps come from these nodes of the prompts below.
+OUR_TRAIN_NODE = "3"
+CORE_TRAIN_NODE = "4"
+
+TARGET_STEP_RATE = 1.5       # ours at least 1.5x core's step rate
+TARGET_MEMORY = 0.8          # ours at most 0.8x core's peak memory
+TARGET_OVER_BARE = 1.3       # ours at most 1.3x the bare forward+backward
+TARGET_BATCH_SCALING = 8.0   # a batch of 8 costs at most 8x a batch of 1
+TARGET_REQUEUE_SECONDS = 2.0
+
+
+# -- measurement, in a fresh process per trainer -------------------------------------------------
+
+def start_comfyui(spec):
+    """A real ComfyUI in this process (the integration tests' harness), with the checkpoint and
+    the core dataset folder in its model and input folders."""
+    import torch
+    torch.set_num_threads(spec["threads"])
+    sys.path.insert(0, INTEGRATION)
+    sys.path.insert(0, COMFYUI_PATH)
+    if torch.cuda.is_available():
+        # The harness puts ComfyUI on the CPU by setting its --cpu flag before
+        # comfy.model_management is imported; importing it first keeps the GPU.
+        import comfy.model_management  # noqa: F401
+    root = spec["root"]
+    for folder in ("checkpoints", "input"):
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+    os.symlink(spec["checkpoint"], os.path.join(root, "checkpoints", CHECKPOINT_NAME))
+    shutil.copytree(SAMPLES, os.path.join(root, "input", CORE_DATASET_FOLDER))
+    from comfy_harness import ComfyUI
+    comfyui = ComfyUI(root)
+    if not comfyui.pack_loaded:
+        raise RuntimeError(f"the pack did not load into ComfyUI: {comfyui.pack_load_log}")
+    return comfyui
+
+
+def inputs_with_defaults(comfyui, class_type, **values) -> dict:
+    """Every widget input of a node at its default, then the given values (links included)."""
+    inputs = {}
+    definitions = comfyui.node_classes[class_type].INPUT_TYPES()
+    for name, spec in definitions.get("required", {}).items():
+        kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+        if "default" in options:
+            inputs[name] = options["default"]
+        elif isinstance(kind, list) and kind:
+            inputs[name] = kind[0]
+    inputs.update(values)
+    return {"class_type": class_type, "inputs": inputs}
+
+
+def build_our_prompt(comfyui, spec) -> dict:
+    sample_dataset = comfyui.pack_module("nodes.dataset").SAMPLE_DATASET
+    return {
+        "1": inputs_with_defaults(comfyui, "CheckpointLoaderSimple", ckpt_name=CHECKPOINT_NAME),
+        "2": inputs_with_defaults(comfyui, "LoadDataset", folder=sample_dataset, instance_token=INSTANCE_TOKEN,
+                                  resolution=spec["resolution"], bucketing=False),
+        OUR_TRAIN_NODE: inputs_with_defaults(
+            comfyui, "LoRATrain", model=["1", 0], clip=["1", 1], vae=["1", 2], dataset=["2", 0],
+            output_name="bench_ours", steps=spec["warmup"] + spec["steps"], learning_rate=LEARNING_RATE,
+            rank=spec["rank"], alpha=float(spec["rank"]), batch_size=spec["batch"], precision="auto",
+            gradient_checkpointing=False, seed=0),
+        "5": inputs_with_defaults(comfyui, "SaveLoRANode", lora=[OUR_TRAIN_NODE, 2], prefix="loras/bench_ours"),
+    }
+
+
+def build_core_prompt(comfyui, spec) -> dict:
+    resolution = spec["resolution"]
+    return {
+        "1": inputs_with_defaults(comfyui, "CheckpointLoaderSimple", ckpt_name=CHECKPOINT_NAME),
+        "2": inputs_with_defaults(comfyui, "LoadImageTextSetFromFolderNode", folder=CORE_DATASET_FOLDER,
+                                  clip=["1", 1], resize_method="Stretch", width=resolution, height=resolution),
+        "3": inputs_with_defaults(comfyui, "VAEEncode", pixels=["2", 0], vae=["1", 2]),
+        CORE_TRAIN_NODE: inputs_with_defaults(
+            comfyui, "TrainLoraNode", model=["1", 0], latents=["3", 0], positive=["2", 1],
+            batch_size=spec["batch"], steps=spec["warmup"] + spec["steps"], grad_accumulation_steps=1,
+            learning_rate=LEARNING_RATE, rank=spec["rank"], optimizer="AdamW", loss_function="MSE", seed=0,
+            training_dtype=spec["core_dtype"], lora_dtype=spec["core_dtype"], algorithm="LoRA",
+            gradient_checkpointing=spec["core_checkpointing"], existing_lora="[None]"),
+        "5": inputs_with_defaults(comfyui, "SaveLoRANode", lora=[CORE_TRAIN_NODE, 1], prefix="loras/bench_core"),
+    }
+
+
+def stamp() -> tuple:
+    """(wall clock, this process's CPU time) in seconds."""
+    return time.perf_counter(), time.process_time()
+
+
+def step_times(stamps, warmup) -> dict:
+    """Step-to-step intervals after the warm-up steps (the first stamp also holds the setup)."""
+    pairs = list(zip(stamps[warmup - 1:], stamps[warmup:]))
+    return {"step_times": [b[0] - a[0] for a, b in pairs], "step_cpu_times": [b[1] - a[1] for a, b in pairs]}
+
+
+def status_mb(field) -> float:
+    """A memory line of /proc/self/status (VmRSS: now, VmHWM: peak since start or last reset).
+
+    Not getrusage's ru_maxrss: on Linux a child starts with its parent's peak there."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for row in f:
+            if row.startswith(field + ":"):
+                return int(row.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class NodePeak:
+    """Peak memory while one node of a prompt runs, beside the whole process's peak.
+
+    ComfyUI announces each node it starts ("executing"); at the training node the RSS high-water
+    mark (and CUDA's peak counter) is reset, and at the next node or the end of the prompt it is
+    read. So model loading, which precedes the node, is left out, and what remains is the memory
+    the trainer itself adds on top of the loaded model.
+    """
+
+    def __init__(self, server, node_id):
+        self.node_id, self.start_rss, self.peak_rss, self.peak_vram = node_id, None, None, None
+        self.peak_before = None
+        send = server.send_sync
+
+        def send_sync(event, data, sid=None):
+            node = data.get("node") if isinstance(data, dict) else None
+            if event == "executing" and node == self.node_id:
+                self._reset()
+            elif self.start_rss is not None and self.peak_rss is None and (
+                    event == "executing" or event.startswith("execution_")):
+                self._read()
+            send(event, data, sid)
+        server.send_sync = send_sync
+
+    def _reset(self):
+        import torch
+        self.peak_before = status_mb("VmHWM")
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux 4.0+)
+        self.start_rss = status_mb("VmRSS")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def _read(self):
+        import torch
+        self.peak_rss = status_mb("VmHWM")
+        if torch.cuda.is_available():
+            self.peak_vram = torch.cuda.max_memory_allocated() / 2 ** 20
+
+    def figures(self) -> dict:
+        process_peak = max(self.peak_before, status_mb("VmHWM"))
+        return {"process_peak_rss_mb": process_peak, "node_start_rss_mb": self.start_rss,
+                "node_peak_rss_mb": self.peak_rss, "node_peak_vram_mb": self.peak_vram}
+
+
+def trained_parameters(lora_state_dict) -> int:
+    """Trained numbers in a LoRA state dict (alpha scalars are settings, not trained)."""
+    return sum(t.numel() for k, t in lora_state_dict.items() if not k.endswith(".alpha"))
+
+
+def measure_ours(comfyui, spec) -> dict:
+    prompt = build_our_prompt(comfyui, spec)
+    stamps = {}
+
+    def on_progress(node_id, value, total):
+        # The node also updates the bar with a loss chart; the first update of a step marks it.
+        if str(node_id) == OUR_TRAIN_NODE:
+            stamps.setdefault(value, stamp())
+
+    comfyui.on_progress = on_progress
+    peak = NodePeak(comfyui.executor.server, OUR_TRAIN_NODE)
+    run = comfyui.run(prompt)
+    result = peak.figures()
+    result.update(step_times([stamps[s] for s in sorted(stamps)], spec["warmup"]))
+    result.update(steps_done=len(stamps), prompt_seconds=run.seconds,
+                  trained_parameters=trained_parameters(run.output(OUR_TRAIN_NODE, 2)))
+    if spec.get("requeue"):
+        result.update(requeue(comfyui, prompt, stamps))
+    return result
+
+
+def requeue(comfyui, prompt, stamps) -> dict:
+    """The same graph queued again: in the same ComfyUI (its in-memory cache) and in a fresh
+    executor, as after restarting ComfyUI (the trainer's file cache). No step may run."""
+    stamps.clear()
+    same = comfyui.run(prompt)
+    same_steps = len(stamps)
+    stamps.clear()
+    fresh = comfyui.run(prompt, executor=comfyui.new_executor())
+    return {"requeue_seconds": same.seconds, "requeue_steps": same_steps,
+            "requeue_cached": len(same.cached_nodes()), "restart_requeue_seconds": fresh.seconds,
+            "restart_requeue_steps": len(stamps), "restart_requeue_cached": len(fresh.cached_nodes())}
+
+
+def measure_core(comfyui, spec) -> dict:
+    import importlib
+    module = importlib.import_module(comfyui.node_classes["TrainLoraNode"].__module__)
+    stamps = []
+
+    class TimedTrainSampler(module.TrainSampler):
+        """Core's sampler with a timestamp at every step (its loss callback runs once a step)."""
+
+        def __init__(self, *args, loss_callback=None, **kwargs):
+            def timed(loss):
+                stamps.append(stamp())
+                if loss_callback is not None:
+                    loss_callback(loss)
+            super().__init__(*args, loss_callback=timed, **kwargs)
+
+    module.TrainSampler = TimedTrainSampler
+    peak = NodePeak(comfyui.executor.server, CORE_TRAIN_NODE)
+    run = comfyui.run(build_core_prompt(comfyui, spec))
+    result = peak.figures()
+    result.update(step_times(stamps, spec["warmup"]))
+    result.update(steps_done=len(stamps),
+                  prompt_seconds=run.seconds, trained_parameters=trained_parameters(run.output(CORE_TRAIN_NODE, 1)))
+    return result
+
+
+def measure_bare(comfyui, spec) -> dict:
+    """One forward+backward of the ComfyUI UNet with no adapter and frozen weights (gradients to
+    the input only): the floor for any adapter trainer on this model."""
+    import comfy.model_management
+    import nodes
+    import torch
+    model, clip, _ = nodes.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT_NAME)[:3]
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    unet = model.model.diffusion_model.requires_grad_(False)
+    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+    device = comfy.model_management.get_torch_device()
+    with torch.no_grad():
+        context = clip.encode_from_tokens(clip.tokenize(INSTANCE_TOKEN)).to(device, dtype)
+    batch, latent = spec["batch"], spec["resolution"] // 8
+    context = context.expand(batch, -1, -1)
+    stamps = []
+    for _ in range(spec["warmup"] + spec["steps"]):
+        x = torch.randn(batch, 4, latent, latent, device=device, dtype=dtype, requires_grad=True)
+        t = torch.randint(0, 1000, (batch,), device=device).float()
+        start = stamp()
+        out = unet(x, timesteps=t, context=context, transformer_options={})
+        out.float().pow(2).mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        stamps.append((start, stamp()))
+    timed = stamps[spec["warmup"]:]
+    return {"step_times": [end[0] - start[0] for start, end in timed],
+            "step_cpu_times": [end[1] - start[1] for start, end in timed], "steps_done": len(stamps)}
+
+
+MEASURES = {"ours": measure_ours, "core": measure_core, "bare": measure_bare}
+
+
+def worker(spec: dict) -> None:
+    comfyui = start_comfyui(spec)
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result = MEASURES[spec["kind"]](comfyui, spec)
+    planned = spec["warmup"] + spec["steps"]
+    if result["steps_done"] != planned:
+        raise RuntimeError(f"{spec['kind']}: {result['steps_done']} steps timed, {planned} planned")
+    import comfy.model_management
+    result.update(device=str(comfy.model_management.get_torch_device()), threads=torch.get_num_threads())
+    print(RESULT_MARK + json.dumps(result), flush=True)
+
+
+# -- the run: one subprocess per measurement -----------------------------------------------------
+
+def run_subprocess(command, threads, label) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    # OpenMP threads spin while they wait for each other by default; on a CPU shared with other
+    # work that turns every descheduled thread into a stall and makes timings swing 4x. Passive
+    # waiting (the same for every measurement) keeps them steady. A value set by the caller wins.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):])
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    raise RuntimeError(f"{label}: the measurement failed (exit code {proc.returncode}):\n{tail}")
+
+
+def measure(kind, args, root, checkpoint, **settings) -> dict:
+    spec = dict(kind=kind, threads=args.threads, resolution=args.resolution, rank=args.rank, batch=args.batch,
+                steps=args.steps, warmup=WARMUP, checkpoint=checkpoint,
+                root=tempfile.mkdtemp(prefix=f"{kind}_", dir=root))
+    spec.update(settings)
+    label = f"{kind} {json.dumps({k: v for k, v in spec.items() if k not in ('root', 'checkpoint')})}"
+    print(f"  running {label}", file=sys.stderr, flush=True)
+    return run_subprocess([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+                          args.threads, label)
+
+
+def our_warmup(batch) -> int:
+    """Our trainer encodes each picture the first time it is drawn (then keeps the latent), so its
+    warm-up covers the first pass over the 8 sample pictures; core's VAEEncode runs before training."""
+    return math.ceil(len(sample_images()) / batch) + 1
+
+
+def sample_images() -> list:
+    return [name for name in os.listdir(SAMPLES) if name.lower().endswith(".png")]
+
+
+def measure_cli(args) -> dict:
+    command = [sys.executable, BENCH_CLI, "--json", "--steps", str(args.steps), "--batch", str(args.batch),
+               "--rank", str(args.rank), "--threads", str(args.threads), "--resolution", str(args.resolution)]
+    if args.checkpoint:
+        command += ["--model", args.checkpoint]
+    print(f"  running {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    try:
+        return run_subprocess(command, args.threads, "bench_cli.py")
+    except RuntimeError as error:
+        # The diffusers backend loads only full SD1.x files; the ComfyUI figures stand without it.
+        return {"error": str(error).strip().splitlines()[-1]}
+
+
+def write_tiny_checkpoint(path) -> None:
+    sys.path.insert(0, INTEGRATION)
+    sys.path.insert(0, COMFYUI_PATH)
+    from comfy.cli_args import args
+    args.cpu = True  # this process only writes the file; read when comfy.model_management is imported
+    from tiny_sd1_checkpoint import write_tiny_sd1_checkpoint
+    write_tiny_sd1_checkpoint(path)
+
+
+def comfyui_version() -> str:
+    try:
+        with open(os.path.join(COMFYUI_PATH, "comfyui_version.py"), encoding="utf-8") as f:
+            return f.read().split("__version__ = ")[1].split()[0].strip("\"'")
+    except (OSError, IndexError):
+        return "unknown"
+
+
+# -- report --------------------------------------------------------------------------------------
+
+def median_ms(result, clock="step_times") -> float:
+    return statistics.median(result[clock]) * 1000
+
+
+def ratio(a, b, clock) -> float:
+    return median_ms(a, clock) / median_ms(b, clock)
+
+
+def trainer_added_mb(result) -> float:
+    """Memory the training node added on top of what was resident when it started."""
+    if result.get("node_peak_vram_mb") is not None:
+        return result["node_peak_vram_mb"]
+    return result["node_peak_rss_mb"] - result["node_start_rss_mb"]
+
+
+def memory_text(result) -> str:
+    if "node_peak_rss_mb" not in result:
+        return "memory: n/a (no trainer)"
+    vram = result.get("node_peak_vram_mb")
+    vram_text = f"peak VRAM allocated while training {vram:.0f} MiB" if vram is not None else "VRAM not measured"
+    return (f"process peak RSS {result['process_peak_rss_mb']:.0f} MiB, while training "
+            f"{result['node_peak_rss_mb']:.0f} MiB (+{result['node_peak_rss_mb'] - result['node_start_rss_mb']:.0f} "
+            f"over the loaded model); {vram_text}")
+
+
+def line(name, result) -> str:
+    times = result["step_times"]
+    params = result.get("trained_parameters")
+    extra = f"; {params / 1e6:.3f} M trained parameters" if params else ""
+    return (f"{name:<40} {median_ms(result):7.1f} ms/step (median of {len(times)}, min {min(times) * 1000:.1f}, "
+            f"max {max(times) * 1000:.1f}; CPU time {median_ms(result, 'step_cpu_times'):.1f} ms/step); "
+            f"{memory_text(result)}{extra}")
+
+
+def cli_line(cli) -> str:
+    return (f"{'CLI   trainer_core, diffusers backend':<40} {cli['ours_ms']:7.1f} ms/step "
+            f"(CPU time {cli['ours_cpu_ms']:.1f}); bare forward+backward of its own model {cli['bare_ms']:.1f} ms "
+            f"(CPU time {cli['bare_cpu_ms']:.1f}), ratio {cli['ours_ms'] / cli['bare_ms']:.2f} "
+            f"(CPU time {cli['ours_cpu_ms'] / cli['bare_cpu_ms']:.2f}); {cli['model']} model; "
+            f"process peak {cli['peak_kind']} {cli['peak_mb']:.0f} MiB")
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def timed_target(text, value, limit, at_least=False) -> str:
+    """One target judged on the wall clock (as asked) and on CPU time (steady on a shared CPU)."""
+    judged = [f"{clock} {verdict(v >= limit if at_least else v <= limit)} {v:.2f}"
+              for clock, v in zip(("wall", "CPU"), value)]
+    return f"  {text} {'>=' if at_least else '<='} {limit}: " + ", ".join(judged)
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def report(args, results, cli, total_seconds, load_before) -> None:
+    ours, fastest, default, bare = results["ours"], results["core_fp32"], results["core_default"], results["bare"]
+    b8_ours, b8_core = results["ours_b8"], results["core_fp32_b8"]
+    on_cuda = ours.get("node_peak_vram_mb") is not None
+    clocks = ("step_times", "step_cpu_times")
+    print(f"ComfyUI {comfyui_version()}, device {ours['device']}, torch threads {ours['threads']}, model "
+          f"{args.checkpoint or 'tiny SD1 checkpoint (tests/integration/tiny_sd1_checkpoint.py)'}, "
+          f"{args.resolution} px, batch {args.batch}, rank {args.rank}, {args.steps} timed steps after warm-up "
+          f"(core defaults and batch 8: {len(default['step_times'])}); OMP_WAIT_POLICY "
+          f"{os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}; load average before {load_before}, after {load_average()}")
+    print(line("ours  LoRATrain (precision auto = fp32)", ours))
+    print(line("core  TrainLoraNode fp32, no checkpointing", fastest))
+    print(line("core  TrainLoraNode defaults (bf16, ckpt)", default))
+    print(line("bare  UNet forward+backward, no adapter", bare))
+    print(line("ours  batch 8", b8_ours))
+    print(line("core  fp32, batch 8", b8_core))
+    if "error" in cli:
+        print(f"{'CLI   trainer_core, diffusers backend':<40} failed: {cli['error']}")
+    else:
+        print(cli_line(cli))
+    print(f"re-queue of the unchanged LoRA graph: same ComfyUI {ours['requeue_seconds']:.2f} s "
+          f"({ours['requeue_steps']} training steps, {ours['requeue_cached']} nodes from ComfyUI's cache); after a "
+          f"restart (new executor) {ours['restart_requeue_seconds']:.2f} s ({ours['restart_requeue_steps']} steps, "
+          f"{ours['restart_requeue_cached']} nodes cached: checkpoint loaded again, LoRA from the trainer's "
+          f"file cache)")
+
+    rate = [ratio(fastest, ours, c) for c in clocks]
+    rate_default = [ratio(default, ours, c) for c in clocks]
+    memory_field = "node_peak_vram_mb" if on_cuda else "process_peak_rss_mb"
+    memory = ours[memory_field] / fastest[memory_field]
+    added = trainer_added_mb(ours) / trainer_added_mb(fastest)
+    requeue = max(ours["requeue_seconds"], ours["restart_requeue_seconds"])
+    no_steps = ours["requeue_steps"] == 0 and ours["restart_requeue_steps"] == 0
+    print(f"ratios ours/core fp32: step time {1 / rate[0]:.2f} (CPU time {1 / rate[1]:.2f}), "
+          f"{'peak VRAM' if on_cuda else 'process peak RSS'} {memory:.2f}, memory added by the trainer {added:.2f}; "
+          f"ours/core defaults: step time {1 / rate_default[0]:.2f} (CPU time {1 / rate_default[1]:.2f})")
+    print("targets (informational, one run; time targets judged on the wall clock and on CPU time):")
+    print(timed_target("step rate ours/core fp32", rate, TARGET_STEP_RATE, at_least=True)
+          + f" (ours/core defaults: wall {rate_default[0]:.2f}, CPU {rate_default[1]:.2f})")
+    if on_cuda:
+        print(f"  peak VRAM ours/core fp32 <= {TARGET_MEMORY}: {verdict(memory <= TARGET_MEMORY)} {memory:.2f}")
+    else:
+        print(f"  process peak RSS ours/core fp32 <= {TARGET_MEMORY}: {verdict(memory <= TARGET_MEMORY)} {memory:.2f}")
+        print(f"  RSS added by the trainer ours/core fp32 <= {TARGET_MEMORY}: {verdict(added <= TARGET_MEMORY)} "
+              f"{added:.2f} ({trainer_added_mb(ours):.0f} vs {trainer_added_mb(fastest):.0f} MiB)")
+        print("  peak VRAM: not measured (no CUDA device)")
+    print(timed_target("step time ours/bare forward+backward", [ratio(ours, bare, c) for c in clocks],
+                       TARGET_OVER_BARE))
+    print(timed_target("batch 8 per step / batch 1, ours", [ratio(b8_ours, ours, c) for c in clocks],
+                       TARGET_BATCH_SCALING) + " (core fp32: wall {:.2f}, CPU {:.2f})".format(
+                           *[ratio(b8_core, fastest, c) for c in clocks]))
+    print(f"  re-queue unchanged graph, no training step, < {TARGET_REQUEUE_SECONDS:.0f} s: "
+          f"{verdict(requeue < TARGET_REQUEUE_SECONDS and no_steps)} {requeue:.2f} s (the slower of the two)")
+    print(f"benchmark wall time {total_seconds:.0f} s")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="", help="an SD1.x single-file checkpoint (default: the tiny one)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per trainer, after warm-up")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, the same for every measurement")
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--resolution", type=int, default=0, help="default: 64 (tiny model), 512 (--checkpoint)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--write-tiny-checkpoint", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(json.loads(args.worker))
+        return
+    if args.write_tiny_checkpoint:
+        write_tiny_checkpoint(args.write_tiny_checkpoint)
+        return
+    if not COMFYUI_PATH:
+        parser.error("set COMFYUI_PATH to a ComfyUI checkout whose requirements are installed in this Python")
+    args.resolution = args.resolution or (512 if args.checkpoint else 64)
+    started, load_before = time.perf_counter(), load_average()
+    with tempfile.TemporaryDirectory(prefix="bench_comfyui_") as root:
+        checkpoint = os.path.abspath(args.checkpoint or os.path.join(root, "tiny_sd1.safetensors"))
+        if not args.checkpoint:
+            # In a subprocess: this process stays small, and so the memory its children start with.
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--write-tiny-checkpoint", checkpoint],
+                           check=True, cwd=REPO)
+        # Core's defaults run about ten times slower on a CPU: fewer timed steps keep the run short.
+        slow_steps = max(3, args.steps // 4)
+        batch_steps = max(3, args.steps // 4)
+        results = {
+            "ours": measure("ours", args, root, checkpoint, warmup=our_warmup(args.batch), requeue=True),
+            "core_fp32": measure("core", args, root, checkpoint, core_dtype="fp32", core_checkpointing=False),
+            "core_default": measure("core", args, root, checkpoint, core_dtype="bf16", core_checkpointing=True,
+                                    steps=slow_steps),
+            "bare": measure("bare", args, root, checkpoint),
+            "ours_b8": measure("ours", args, root, checkpoint, batch=8, steps=batch_steps, warmup=our_warmup(8)),
+            "core_fp32_b8": measure("core", args, root, checkpoint, batch=8, steps=batch_steps,
+                                    core_dtype="fp32", core_checkpointing=False),
+        }
+        cli = measure_cli(args)
+    report(args, results, cli, time.perf_counter() - started, load_before)
+
+
+if __name__ == "__main__":
+    main()
