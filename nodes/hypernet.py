@@ -226,7 +226,6 @@ class HypernetTrain(io.ComfyNode):
                 latent_sampling, seed, save_every_steps,
                 sample_every_steps, resume_from, overwrite, force_retrain, loss_csv,
                 regularization=None) -> io.NodeOutput:
-        from ..trainer_core.adapters.hypernetwork import learning_rate_warning
         from ..trainer_core.config import TrainConfig
         from ..trainer_core.errors import TrainingCancelled
         from ..trainer_core.plots import loss_chart
@@ -234,9 +233,6 @@ class HypernetTrain(io.ComfyNode):
         from . import comfy_bridge as bridge
 
         bridge.check_sd1(model)
-        warning = learning_rate_warning(learning_rate)
-        if warning:
-            log.warning("HypernetTrain: %s", warning)
         output_dir = hypernetwork_folder()
         hypernetwork_config = HypernetworkConfig(
             layer_structure=layer_structure, activation=activation, layer_norm=layer_norm, dropout=dropout,
