@@ -7,7 +7,6 @@ tests (tests/integration/test_hypernet_nodes.py, test_merge_node.py) run the sam
 real ComfyUI.
 """
 import contextlib
-import logging
 import os
 import types
 
@@ -298,14 +297,6 @@ def test_hypernet_train_resumes_from_the_chosen_file_in_the_hypernetworks_folder
     run_hypernet_node(hypernet_node, resume_from="skkmtn_hypernet_500.pt")
     assert hypernet_node.recorded["train_config"].resume_from == os.path.join(
         pack.folder_paths.folders["hypernetworks"], "skkmtn_hypernet_500.pt")
-
-
-def test_hypernet_train_warns_about_a_lora_sized_learning_rate(hypernet_node, caplog):
-    caplog.set_level(logging.WARNING)
-    run_hypernet_node(hypernet_node, learning_rate=1e-5)
-    assert not [r for r in caplog.records if "learning_rate" in r.getMessage()]
-    run_hypernet_node(hypernet_node, learning_rate=1e-3)
-    assert [r for r in caplog.records if "learning_rate 0.001 is high" in r.getMessage()]
 
 
 def test_hypernet_train_turns_a_cancelled_run_into_comfyuis_interrupt(hypernet_node):

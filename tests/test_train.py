@@ -12,7 +12,8 @@ from trainer_core.config import TrainConfig
 from trainer_core.dataset import DatasetConfig, ImageDataset, regularization_set
 from trainer_core.errors import TrainerInputError, TrainingCancelled, TrainingStopped
 from trainer_core.formats import load_lora
-from trainer_core.train import Callbacks, train_lora
+from trainer_core.adapters.hypernetwork import HypernetworkConfig
+from trainer_core.train import Callbacks, train_hypernetwork, train_lora
 
 SAMPLES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "sample_dataset")
 
@@ -177,3 +178,13 @@ def test_preview_callback_gets_a_loss_chart(parts, dataset, tmp_path):
                callbacks=Callbacks(on_preview=lambda step, image: previews.append((step, image))))
     assert previews and previews[-1][0] == 2
     assert previews[-1][1].width > 512, "the sample image sits beside the loss chart"
+
+
+def test_hypernetwork_training_warns_about_a_lora_sized_learning_rate(parts, dataset, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        train_hypernetwork(parts, dataset, HypernetworkConfig(), config(tmp_path, steps=1, learning_rate=1e-5))
+    assert "learning_rate" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        train_hypernetwork(parts, dataset, HypernetworkConfig(),
+                           config(tmp_path, output_name="high", steps=1, learning_rate=1e-3))
+    assert "learning_rate 0.001 is high" in caplog.text
