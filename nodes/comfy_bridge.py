@@ -315,13 +315,21 @@ class ComfyCallbacks:
     """Trainer callbacks that drive the node's progress bar, live preview and Cancel button."""
 
     def __init__(self, total_steps: int, node_id=None):
+        from tqdm import tqdm
         self.bar = comfy.utils.ProgressBar(total_steps, node_id=node_id)
+        # The console gets a bar too, as ComfyUI's own sampler shows one.
+        self.console = tqdm(total=total_steps, desc="training", unit="step",
+                            disable=not comfy.utils.PROGRESS_BAR_ENABLED)
         self.interrupted = False
 
     def callbacks(self) -> Callbacks:
         return Callbacks(on_step=self.on_step, on_preview=self.on_preview, should_stop=self.should_stop)
 
     def on_step(self, step, total_steps, loss):
+        self.console.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        self.console.update(step - self.console.n)
+        if step >= total_steps:
+            self.console.close()
         self._report(step, total_steps, None)
 
     def on_preview(self, step, image):
@@ -341,6 +349,7 @@ class ComfyCallbacks:
             self.interrupted = True
 
     def raise_if_interrupted(self):
+        self.console.close()
         if self.interrupted:
             raise_interrupted()
 
