@@ -9,11 +9,12 @@ import os
 from comfy_api.latest import io, ui
 
 from ..trainer_core.adapters.hypernetwork import ACTIVATIONS, WEIGHT_INITIALIZATIONS, HypernetworkConfig
-from ..trainer_core.config import LATENT_SAMPLING, OPTIMIZERS, PRECISIONS
+from ..trainer_core.config import LATENT_SAMPLING, OPTIMIZERS
 from ..trainer_core.errors import TrainerInputError
 from ..trainer_core.prompt_templates import available_templates
 from .lora import MAX_SEED, image_tensor
 from .merge import file_fingerprint
+from .training_inputs import batch_inputs, memory_inputs
 from .types import RegularizationSet, TrainingDataset
 
 log = logging.getLogger(__name__)
@@ -130,25 +131,13 @@ class HypernetTrain(io.ComfyNode):
                     tooltip="How the new layers start out. Normal (small random values, A1111's "
                             "default) keeps the model unchanged at the start; leave it unless you know "
                             "you need another."),
-                io.Int.Input(
-                    "batch_size", default=1, min=1, max=64,
-                    tooltip="Pictures per step. More is smoother but needs more memory; 1 is fine."),
-                io.Int.Input(
-                    "gradient_accumulation", default=1, min=1, max=256,
-                    tooltip="Adds up this many batches before each step: acts like a bigger batch "
-                            "without the memory. 1 = off."),
+                *batch_inputs(),
                 io.Combo.Input(
                     "optimizer", options=list(OPTIMIZERS), default="AdamW",
                     tooltip="How weights are updated. AdamW: standard (A1111 uses it too). AdamW8bit: "
                             "less memory (needs bitsandbytes and a GPU). Prodigy: finds its own step "
                             "size (set learning_rate to 1.0)."),
-                io.Combo.Input(
-                    "precision", options=list(PRECISIONS), default="auto",
-                    tooltip="Number format while training. auto: fp16/bf16 on an NVIDIA GPU (faster, "
-                            "less memory), fp32 on a CPU (where half precision is slower)."),
-                io.Boolean.Input(
-                    "gradient_checkpointing", default=False,
-                    tooltip="Saves a lot of GPU memory at about 20-30% more time. Turn on for 8 GB cards."),
+                *memory_inputs(),
                 io.Combo.Input(
                     "prompt_template", options=[CAPTIONS_ONLY] + available_templates(), default=CAPTIONS_ONLY,
                     tooltip="How each training prompt is made. none (captions): the caption files as "

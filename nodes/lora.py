@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..trainer_core.config import LR_SCHEDULERS, OPTIMIZERS, PRECISIONS
+from ..trainer_core.config import LR_SCHEDULERS, OPTIMIZERS
+from .training_inputs import batch_inputs, memory_inputs
 from .types import RegularizationSet, TrainingDataset
 
 log = logging.getLogger(__name__)
@@ -90,13 +91,7 @@ class LoRATrain(io.ComfyNode):
                     "alpha", default=4.0, min=0.01, max=1024.0, step=0.01,
                     tooltip="Scales the LoRA's effect by alpha / rank. alpha = rank gives scale 1; "
                             "alpha = 1 (kohya's default) needs a larger learning rate."),
-                io.Int.Input(
-                    "batch_size", default=1, min=1, max=64,
-                    tooltip="Pictures per step. More is smoother but needs more memory; 1 is fine."),
-                io.Int.Input(
-                    "gradient_accumulation", default=1, min=1, max=256,
-                    tooltip="Adds up this many batches before each step: acts like a bigger batch "
-                            "without the memory. 1 = off."),
+                *batch_inputs(),
                 io.Combo.Input(
                     "optimizer", options=list(OPTIMIZERS), default="AdamW",
                     tooltip="How weights are updated. AdamW: standard. AdamW8bit: less memory (needs "
@@ -109,13 +104,7 @@ class LoRATrain(io.ComfyNode):
                 io.Int.Input(
                     "warmup_steps", default=0, min=0, max=100000,
                     tooltip="Steps at the start during which the learning rate rises from 0. 0 = none."),
-                io.Combo.Input(
-                    "precision", options=list(PRECISIONS), default="auto",
-                    tooltip="Number format while training. auto: fp16/bf16 on an NVIDIA GPU (faster, "
-                            "less memory), fp32 on a CPU (where half precision is slower)."),
-                io.Boolean.Input(
-                    "gradient_checkpointing", default=False,
-                    tooltip="Saves a lot of GPU memory at about 20-30% more time. Turn on for 8 GB cards."),
+                *memory_inputs(),
                 io.Int.Input(
                     "seed", default=0, min=0, max=MAX_SEED, control_after_generate=False,
                     tooltip="Makes training repeatable: the same seed, settings and pictures give the "

@@ -41,6 +41,32 @@ def ksampler_choices() -> tuple:
     return list(samplers.KSampler.SAMPLERS), list(samplers.KSampler.SCHEDULERS)
 
 
+def sampling_inputs() -> list:
+    """KSampler's settings, shared by both comparison nodes."""
+    samplers, schedulers = ksampler_choices()
+    return [
+        io.Int.Input(
+            "steps", default=20, min=1, max=10000,
+            tooltip="Sampling steps per picture, as in KSampler. 20-30 is usual."),
+        io.Float.Input(
+            "cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+            tooltip="How closely the pictures follow the prompt, as in KSampler. 7 is usual for SD1.x."),
+        io.Combo.Input(
+            "sampler_name", options=samplers, default=DEFAULT_SAMPLER,
+            tooltip="The sampling method, as in KSampler (euler and dpmpp_2m are good choices)."),
+        io.Combo.Input(
+            "scheduler", options=schedulers, default=DEFAULT_SCHEDULER,
+            tooltip="How the noise is reduced over the steps, as in KSampler (normal or karras are "
+                    "good choices)."),
+        io.Int.Input(
+            "width", default=512, min=64, max=MAX_SIZE, step=8,
+            tooltip="Picture width in pixels. SD1.x draws best at 512."),
+        io.Int.Input(
+            "height", default=512, min=64, max=MAX_SIZE, step=8,
+            tooltip="Picture height in pixels. SD1.x draws best at 512."),
+    ]
+
+
 def without_token(prompt: str, token: str) -> str:
     """The prompt with every whole-word occurrence of the token removed and the commas and
     spaces it leaves behind tidied: "skkmtn, orange round creature" -> "orange round creature"."""
@@ -140,7 +166,6 @@ class LossChart(io.ComfyNode):
 class TriggerComparison(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        samplers, schedulers = ksampler_choices()
         return io.Schema(
             node_id="TriggerComparison",
             display_name="Compare With / Without Trigger",
@@ -176,27 +201,7 @@ class TriggerComparison(io.ComfyNode):
                     "seed", default=0, min=0, max=MAX_SEED, control_after_generate=False,
                     tooltip="The noise all three pictures start from. The same seed makes the pictures "
                             "comparable; change it to check another one."),
-                io.Int.Input(
-                    "steps", default=20, min=1, max=10000,
-                    tooltip="Sampling steps per picture, as in KSampler. 20-30 is usual."),
-                io.Float.Input(
-                    "cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                    tooltip="How closely the pictures follow the prompt, as in KSampler. 7 is usual for SD1.x."),
-                io.Combo.Input(
-                    "sampler_name", options=samplers,
-                    default=DEFAULT_SAMPLER,
-                    tooltip="The sampling method, as in KSampler (euler and dpmpp_2m are good choices)."),
-                io.Combo.Input(
-                    "scheduler", options=schedulers,
-                    default=DEFAULT_SCHEDULER,
-                    tooltip="How the noise is reduced over the steps, as in KSampler (normal or karras are "
-                            "good choices)."),
-                io.Int.Input(
-                    "width", default=512, min=64, max=MAX_SIZE, step=8,
-                    tooltip="Picture width in pixels. SD1.x draws best at 512."),
-                io.Int.Input(
-                    "height", default=512, min=64, max=MAX_SIZE, step=8,
-                    tooltip="Picture height in pixels. SD1.x draws best at 512."),
+                *sampling_inputs(),
             ],
             outputs=[
                 io.Image.Output(display_name="grid",
@@ -236,7 +241,6 @@ class TriggerComparison(io.ComfyNode):
 class StepComparisonGrid(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        samplers, schedulers = ksampler_choices()
         return io.Schema(
             node_id="StepComparisonGrid",
             display_name="Compare Intermediate Saves",
@@ -272,27 +276,7 @@ class StepComparisonGrid(io.ComfyNode):
                     "seed", default=0, min=0, max=MAX_SEED, control_after_generate=False,
                     tooltip="The noise every picture starts from. The same seed makes the rows comparable; "
                             "change it to check another one."),
-                io.Int.Input(
-                    "steps", default=20, min=1, max=10000,
-                    tooltip="Sampling steps per picture, as in KSampler. 20-30 is usual."),
-                io.Float.Input(
-                    "cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                    tooltip="How closely the pictures follow the prompt, as in KSampler. 7 is usual for SD1.x."),
-                io.Combo.Input(
-                    "sampler_name", options=samplers,
-                    default=DEFAULT_SAMPLER,
-                    tooltip="The sampling method, as in KSampler (euler and dpmpp_2m are good choices)."),
-                io.Combo.Input(
-                    "scheduler", options=schedulers,
-                    default=DEFAULT_SCHEDULER,
-                    tooltip="How the noise is reduced over the steps, as in KSampler (normal or karras are "
-                            "good choices)."),
-                io.Int.Input(
-                    "width", default=512, min=64, max=MAX_SIZE, step=8,
-                    tooltip="Picture width in pixels. SD1.x draws best at 512."),
-                io.Int.Input(
-                    "height", default=512, min=64, max=MAX_SIZE, step=8,
-                    tooltip="Picture height in pixels. SD1.x draws best at 512."),
+                *sampling_inputs(),
                 io.Float.Input(
                     "strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                     tooltip="How strongly each LoRA acts (on the model and the CLIP), as in Load LoRA. "

@@ -53,6 +53,30 @@ def _schema_call(function):
     return None
 
 
+def _input_builders():
+    """{function name: its returned list of sockets} for module-level functions in nodes/ that
+    return a list literal (shared inputs such as `batch_inputs()`), so `*batch_inputs()` expands."""
+    builders = {}
+    for filename in sorted(os.listdir(NODES_DIR)):
+        if filename.endswith(".py"):
+            with open(os.path.join(NODES_DIR, filename), encoding="utf-8") as f:
+                tree = ast.parse(f.read(), filename)
+            for function in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
+                returned = [n.value for n in ast.walk(function) if isinstance(n, ast.Return)]
+                if len(returned) == 1 and isinstance(returned[0], ast.List):
+                    builders[function.name] = returned[0].elts
+    return builders
+
+
+def _expanded(elements, builders):
+    for element in elements:
+        if isinstance(element, ast.Starred) and isinstance(element.value, ast.Call) \
+                and isinstance(element.value.func, ast.Name) and element.value.func.id in builders:
+            yield from _expanded(builders[element.value.func.id], builders)
+        else:
+            yield element
+
+
 def _socket(call):
     """(name, tooltip) of an `X.Input("name", ...)` or `X.Output(display_name="name", ...)` call."""
     assert isinstance(call, ast.Call), f"line {call.lineno}: write each socket as an X.Input(...)/X.Output(...) call"
@@ -67,6 +91,7 @@ def schemas_from_source():
     """{node_id: {display_name, description, inputs: [(name, tooltip)], outputs: [(name, tooltip)]}}
     for every class in nodes/ with a define_schema."""
     found = {}
+    builders = _input_builders()
     for filename in sorted(os.listdir(NODES_DIR)):
         if not filename.endswith(".py"):
             continue
@@ -85,7 +110,8 @@ def schemas_from_source():
                 listed = _keyword(schema, kind)
                 assert listed is None or isinstance(listed, ast.List), \
                     f"{filename}:{cls.name}: write {kind}=[...] as a list literal so the docs can be checked"
-                sockets[kind] = [_socket(c) for c in (listed.elts if listed is not None else [])]
+                elements = listed.elts if listed is not None else []
+                sockets[kind] = [_socket(c) for c in _expanded(elements, builders)]
             found[node_id] = {
                 "display_name": _text(_keyword(schema, "display_name")),
                 "description": _text(_keyword(schema, "description")),
