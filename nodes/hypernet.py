@@ -14,7 +14,7 @@ from ..trainer_core.errors import TrainerInputError
 from ..trainer_core.prompt_templates import available_templates
 from .lora import MAX_SEED, image_tensor
 from .merge import file_fingerprint
-from .training_inputs import batch_inputs, memory_inputs
+from .training_inputs import batch_inputs, memory_inputs, replace_inputs
 from .types import RegularizationSet, TrainingDataset
 
 log = logging.getLogger(__name__)
@@ -168,13 +168,7 @@ class HypernetTrain(io.ComfyNode):
                     "resume_from", options=[NONE] + saved_hypernetworks(), default=NONE,
                     tooltip="Continue training a hypernetwork from models/hypernetworks (one saved by "
                             "this node, or an A1111 one), up to 'steps' in total. none = start fresh."),
-                io.Boolean.Input(
-                    "overwrite", default=False,
-                    tooltip="Allow replacing an existing file of the same name that was trained with "
-                            "other settings. Off: such a clash stops with a message instead."),
-                io.Boolean.Input(
-                    "force_retrain", default=False,
-                    tooltip="Train again even if a file trained with exactly these settings exists."),
+                *replace_inputs(),
                 io.Boolean.Input(
                     "loss_csv", default=False,
                     tooltip="Also write the loss of every step to <output_name>_loss.csv next to the "

@@ -9,7 +9,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..trainer_core.config import LR_SCHEDULERS, OPTIMIZERS
-from .training_inputs import batch_inputs, memory_inputs
+from .training_inputs import batch_inputs, memory_inputs, replace_inputs
 from .types import RegularizationSet, TrainingDataset
 
 log = logging.getLogger(__name__)
@@ -121,13 +121,7 @@ class LoRATrain(io.ComfyNode):
                     "resume_from", options=[NO_RESUME] + resumable_loras(), default=NO_RESUME,
                     tooltip="Continue training from a LoRA saved earlier by this node (e.g. an "
                             "intermediate save), up to 'steps' in total. none = start fresh."),
-                io.Boolean.Input(
-                    "overwrite", default=False,
-                    tooltip="Allow replacing an existing file of the same name that was trained with "
-                            "other settings. Off: such a clash stops with a message instead."),
-                io.Boolean.Input(
-                    "force_retrain", default=False,
-                    tooltip="Train again even if a file trained with exactly these settings exists."),
+                *replace_inputs(),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),

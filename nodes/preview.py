@@ -87,6 +87,13 @@ def token_problem(prompt: str, instance_token: str):
     return None
 
 
+def token_check(prompt, instance_token):
+    """validate_inputs of the comparison nodes: True, or the message when the prompt lacks the token."""
+    if prompt is None or instance_token is None:
+        return True
+    return token_problem(prompt, instance_token) or True
+
+
 def pil_image(image: torch.Tensor):
     """The first picture of a ComfyUI IMAGE batch as a PIL image."""
     from PIL import Image
@@ -216,9 +223,7 @@ class TriggerComparison(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, prompt=None, instance_token=None):
-        if prompt is None or instance_token is None:
-            return True
-        return token_problem(prompt, instance_token) or True
+        return token_check(prompt, instance_token)
 
     @classmethod
     def execute(cls, trained_model, trained_clip, base_model, base_clip, vae, prompt, instance_token,
@@ -292,9 +297,7 @@ class StepComparisonGrid(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, prompt=None, instance_token=None):
-        if prompt is None or instance_token is None:
-            return True
-        return token_problem(prompt, instance_token) or True
+        return token_check(prompt, instance_token)
 
     @classmethod
     def fingerprint_inputs(cls, lora_name=None, **_):

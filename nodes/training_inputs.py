@@ -26,3 +26,15 @@ def memory_inputs() -> list:
             "gradient_checkpointing", default=False,
             tooltip="Saves a lot of GPU memory at about 20-30% more time. Turn on for 8 GB cards."),
     ]
+
+
+def replace_inputs() -> list:
+    return [
+        io.Boolean.Input(
+            "overwrite", default=False,
+            tooltip="Allow replacing an existing file of the same name that was trained with "
+                    "other settings. Off: such a clash stops with a message instead."),
+        io.Boolean.Input(
+            "force_retrain", default=False,
+            tooltip="Train again even if a file trained with exactly these settings exists."),
+    ]
