@@ -24,7 +24,7 @@ import torch
 from trainer_core import formats
 from trainer_core.adapters.hypernetwork import Hypernetwork, HypernetworkConfig, load_hypernetwork
 from trainer_core.adapters.lora import LoRAConfig
-from trainer_core.backends.diffusers import load_parts, tiny_parts
+from trainer_core.backends.diffusers import load_parts
 from trainer_core.config import TrainConfig
 from trainer_core.dataset import DatasetConfig, ImageDataset
 from trainer_core.errors import TrainerInputError, TrainingCancelled, TrainingStopped
@@ -34,17 +34,6 @@ from trainer_core.train import Callbacks, train_hypernetwork, train_lora
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = os.path.join(REPO, "sample_dataset")
 HYPERNET_LR = 1e-5  # A1111's default; higher rates only add a warning to the log
-
-
-@pytest.fixture(scope="module")
-def parts():
-    torch.set_num_threads(1)
-    return tiny_parts(seed=0)
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    return ImageDataset.from_folder(DatasetConfig(folder=SAMPLES, instance_token="skkmtn", resolution=64))
 
 
 @pytest.fixture(scope="module")

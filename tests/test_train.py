@@ -7,26 +7,13 @@ import pytest
 import torch
 
 from trainer_core.adapters.lora import LoRAConfig
-from trainer_core.backends.diffusers import tiny_parts
+from trainer_core.adapters.hypernetwork import HypernetworkConfig
 from trainer_core.config import TrainConfig
-from trainer_core.dataset import DatasetConfig, ImageDataset, regularization_set
+from trainer_core.dataset import regularization_set
 from trainer_core.errors import TrainerInputError, TrainingCancelled, TrainingStopped
 from trainer_core.formats import load_lora
-from trainer_core.adapters.hypernetwork import HypernetworkConfig
 from trainer_core.train import Callbacks, train_hypernetwork, train_lora
 
-SAMPLES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "sample_dataset")
-
-
-@pytest.fixture(scope="module")
-def parts():
-    torch.set_num_threads(1)
-    return tiny_parts(seed=0)
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    return ImageDataset.from_folder(DatasetConfig(folder=SAMPLES, instance_token="skkmtn", resolution=64))
 
 
 def config(tmp_path, **overrides):
