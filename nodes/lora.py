@@ -1,18 +1,12 @@
 """LoRATrain: trains a kohya-format LoRA on the MODEL/CLIP and hands back the patched pair."""
 from __future__ import annotations
 
-import logging
-import os
-
-import numpy as np
-import torch
 from comfy_api.latest import io, ui
 
 from ..trainer_core.config import LR_SCHEDULERS, OPTIMIZERS
 from .training_inputs import batch_inputs, memory_inputs, replace_inputs
+from .training_run import image_tensor, run_training, saved_name
 from .types import RegularizationSet, TrainingDataset
-
-log = logging.getLogger(__name__)
 
 NO_RESUME = "none"
 MAX_SEED = 2 ** 32 - 1
@@ -34,11 +28,6 @@ def resume_path(choice: str) -> str:
         return ""
     import folder_paths
     return folder_paths.get_full_path_or_raise("loras", choice)
-
-
-def image_tensor(image) -> torch.Tensor:
-    """A PIL image as a one-image ComfyUI IMAGE batch."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
 class LoRATrain(io.ComfyNode):
@@ -145,12 +134,10 @@ class LoRATrain(io.ComfyNode):
                 resume_from, overwrite, force_retrain, regularization=None) -> io.NodeOutput:
         from ..trainer_core.adapters.lora import LoRAConfig
         from ..trainer_core.config import TrainConfig
-        from ..trainer_core.errors import TrainingCancelled
         from ..trainer_core.plots import loss_chart
         from ..trainer_core.train import train_lora
         from . import comfy_bridge as bridge
 
-        bridge.check_sd1(model)
         output_dir = lora_folder()
         lora_config = LoRAConfig(rank=rank, alpha=alpha, train_text_encoder=train_text_encoder)
         train_config = TrainConfig(
@@ -161,18 +148,11 @@ class LoRATrain(io.ComfyNode):
             gradient_checkpointing=gradient_checkpointing, save_every_steps=save_every_steps,
             sample_every_steps=sample_every_steps, resume_from=resume_path(resume_from),
             overwrite=overwrite, force_retrain=force_retrain)
-        progress = bridge.ComfyCallbacks(steps, cls.hidden.unique_id)
-        parts = bridge.build_parts(model, clip, vae)
-        parts.base_model_name = bridge.checkpoint_name(cls.hidden.prompt, cls.hidden.unique_id)
-        trained = [parts.unet, parts.text_encoder] if train_text_encoder else [parts.unet]
-        try:
-            with bridge.training_context(*trained):
-                result = train_lora(parts, dataset, lora_config, train_config, regularization,
-                                    progress.callbacks())
-        except TrainingCancelled as stopped:
-            log.info("LoRA training cancelled at step %d; last save: %s", stopped.step, stopped.last_save)
-            bridge.raise_interrupted()
-        progress.raise_if_interrupted()
+        result = run_training(
+            model, clip, vae, steps, cls.hidden,
+            lambda parts, callbacks: train_lora(parts, dataset, lora_config, train_config, regularization,
+                                                callbacks),
+            train_text_encoder=train_text_encoder)
 
         state_dict = result.kohya_state_dict
         unmatched = bridge.unmatched_lora_keys(model, clip, state_dict)
@@ -181,7 +161,7 @@ class LoRATrain(io.ComfyNode):
                 f"ComfyUI's LoRA loader would ignore {len(unmatched)} key(s) of {result.final_path}, e.g. "
                 f"{unmatched[:3]}. This is a bug in the trainer pack; please report it with this message.")
         lora_model, lora_clip = bridge.apply_lora(model, clip, state_dict)
-        name = os.path.relpath(result.final_path, output_dir).replace(os.sep, "/")
         chart = image_tensor(loss_chart(result.losses))
         return io.NodeOutput(lora_model, lora_clip, bridge.to_lora_model(state_dict),
-                             bridge.to_loss_map(result.losses), name, ui=ui.PreviewImage(chart, cls=cls))
+                             bridge.to_loss_map(result.losses), saved_name(result.final_path, output_dir),
+                             ui=ui.PreviewImage(chart, cls=cls))

@@ -8,6 +8,7 @@ import torch
 from comfy_api.latest import io
 
 from ..trainer_core.errors import TrainerInputError
+from .training_run import saved_name
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ class MergeLoRAToCkpt(io.ComfyNode):
         if save_file and not keep_existing:
             _save(path, merged, metadata, overwrite)
             log.info("saved merged checkpoint %s", path)
-        ckpt_name = os.path.relpath(path, folder).replace(os.sep, "/") if save_file else ""
+        ckpt_name = saved_name(path, folder) if save_file else ""
         merged_model, merged_clip = bridge.models_from_checkpoint_state_dict(merged)
         return io.NodeOutput(merged_model, merged_clip, ckpt_name)
 

@@ -16,7 +16,7 @@ from comfy_api.latest import io
 
 from ..trainer_core.dataset import mentions
 from ..trainer_core.errors import TrainerInputError
-from .lora import image_tensor
+from .training_run import image_tensor
 
 DEFAULT_PROMPT = "skkmtn, orange round creature"
 DEFAULT_TOKEN = "skkmtn"
@@ -101,11 +101,11 @@ def pil_image(image: torch.Tensor):
     return Image.fromarray(np.ascontiguousarray(pixels))
 
 
-def grid_tensor(rows: list, row_labels: list, column_labels: list, cell: int) -> torch.Tensor:
+def grid_tensor(rows: list, row_labels: list, column_labels: list) -> torch.Tensor:
     """A labelled grid (trainer_core.plots) of IMAGE rows, as a one-image IMAGE batch."""
     from ..trainer_core.plots import labelled_grid
     pictures = [[pil_image(image) for image in row] for row in rows]
-    return image_tensor(labelled_grid(pictures, row_labels, column_labels, cell=cell))
+    return image_tensor(labelled_grid(pictures, row_labels, column_labels))
 
 
 def lora_saves(final_path: str) -> list:
@@ -239,7 +239,7 @@ class TriggerComparison(io.ComfyNode):
             pictures.picture(trained_model, trained_clip, without_token(prompt, instance_token), negative_prompt),
             pictures.picture(base_model, base_clip, prompt, negative_prompt),
         ]
-        grid = grid_tensor([images], [f"seed {seed}"], list(TRIGGER_COLUMNS), cell=max(width, height))
+        grid = grid_tensor([images], [f"seed {seed}"], list(TRIGGER_COLUMNS))
         return io.NodeOutput(grid, torch.cat(images))
 
 
@@ -334,5 +334,5 @@ class StepComparisonGrid(io.ComfyNode):
             rows.append([pictures.picture(*with_lora, prompt, negative_prompt),
                          pictures.picture(*with_lora, no_token, negative_prompt)])
         token = instance_token.strip()
-        grid = grid_tensor(rows, labels, [f"with {token}", f"without {token}"], cell=max(width, height))
+        grid = grid_tensor(rows, labels, [f"with {token}", f"without {token}"])
         return io.NodeOutput(grid)

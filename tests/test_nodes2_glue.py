@@ -6,7 +6,6 @@ the ComfyUI bridge is replaced by a fake, so these tests check our code only. Th
 tests (tests/integration/test_hypernet_nodes.py, test_merge_node.py) run the same nodes in a
 real ComfyUI.
 """
-import contextlib
 import os
 import types
 
@@ -15,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fake_bridge import FakeBridge
 from test_nodes_glue import pack  # noqa: F401  (the pack loaded with ComfyUI stand-ins)
 
 OUR_NODES = ("HypernetTrain", "ApplyHypernetwork", "MergeLoRAToCkpt")
@@ -129,78 +129,13 @@ def test_hypernet_train_refuses_settings_comfyui_would_load_differently(pack):
 
 
 # ---------------------------------------------------------------------------------------------
-# The fake bridge
-
-
-class FakeBridge(types.SimpleNamespace):
-    """Records what the nodes ask of ComfyUI; returns tagged stand-ins."""
-
-    class Interrupted(Exception):
-        pass
-
-    def __init__(self, state_dict=None, key_map=None):
-        super().__init__(calls=[], state_dict=state_dict, key_map=key_map, progress=None)
-
-    def check_sd1(self, model):
-        self.calls.append(("check_sd1", model))
-
-    def build_parts(self, model, clip, vae):
-        self.calls.append(("build_parts", model, clip, vae))
-        return types.SimpleNamespace(unet="unet", text_encoder="text_encoder", base_model_name="")
-
-    def checkpoint_name(self, prompt, node_id):
-        self.calls.append(("checkpoint_name", prompt, node_id))
-        return "base.safetensors"
-
-    def training_context(self, *modules):
-        self.calls.append(("training_context",) + modules)
-        return contextlib.nullcontext()
-
-    def ComfyCallbacks(self, total_steps, node_id):
-        bridge = self
-
-        class Progress:
-            interrupted = False
-
-            def callbacks(self):
-                return "callbacks"
-
-            def raise_if_interrupted(self):
-                if self.interrupted:
-                    bridge.raise_interrupted()
-        self.progress = Progress()
-        self.calls.append(("progress", total_steps, node_id))
-        return self.progress
-
-    def raise_interrupted(self):
-        raise FakeBridge.Interrupted()
-
-    def apply_hypernetwork(self, model, hypernetwork, strength):
-        self.calls.append(("apply_hypernetwork", model, hypernetwork, strength))
-        return f"{model}+hypernetwork@{strength:g}"
-
-    def to_loss_map(self, losses):
-        return {"loss": [v for _, v in losses]}
-
-    def checkpoint_state_dict(self, model, clip, vae):
-        self.calls.append(("checkpoint_state_dict", model, clip, vae))
-        return {k: v.clone() for k, v in self.state_dict.items()}
-
-    def base_model_hash(self, model, clip, vae):
-        return "basehash"
-
-    def checkpoint_lora_keys(self, model, clip):
-        return dict(self.key_map)
-
-    def models_from_checkpoint_state_dict(self, state_dict):
-        self.calls.append(("models_from_checkpoint_state_dict", state_dict))
-        return "MERGED_MODEL", "MERGED_CLIP"
+# The fake bridge (tests/fake_bridge.py) in place of ComfyUI
 
 
 def use_bridge(pack, monkeypatch, node_id, bridge, unique_id="7"):
     monkeypatch.setattr(pack.module("nodes"), "comfy_bridge", bridge, raising=False)
     node = pack.nodes[node_id]
-    monkeypatch.setattr(node, "hidden", types.SimpleNamespace(unique_id=unique_id, prompt={"prompt": 1}))
+    monkeypatch.setattr(node, "hidden", types.SimpleNamespace(unique_id=unique_id, prompt="PROMPT"))
     return node
 
 
@@ -267,7 +202,7 @@ def test_hypernet_train_hands_every_option_to_the_trainer(hypernet_node, pack):
     assert ("check_sd1", "MODEL") in calls and ("build_parts", "MODEL", "CLIP", "VAE") in calls
     assert ("progress", 9, "7") in calls
     assert ("training_context", "unet") in calls, "only the UNet is frozen: the CLIP is not trained"
-    assert recorded["parts"].base_model_name == "base.safetensors"
+    assert recorded["parts"].base_model_name == "checkpoint of node 7 in PROMPT"
 
 
 def test_hypernet_train_captions_a_copy_of_the_dataset_through_the_template(hypernet_node, pack):
@@ -418,7 +353,7 @@ def test_merge_saves_an_ldm_layout_checkpoint_with_the_lora_in_its_weights(merge
                                                 "lora_te_x", 0.5), atol=1e-2)
     assert torch.equal(saved["first_stage_model.decoder.weight"], base["first_stage_model.decoder.weight"].half())
     assert saved["cond_stage_model.transformer.text_model.embeddings.position_ids"].dtype == torch.int64
-    assert metadata["merge.base_model"] == "base.safetensors" and metadata["merge.base_model_hash"] == "basehash"
+    assert metadata["merge.base_model"] == "checkpoint of node 7 in PROMPT" and metadata["merge.base_model_hash"] == "basehash"
     assert metadata["merge.lora"] == "LORA_MODEL from the workflow"
     assert (metadata["merge.strength_model"], metadata["merge.strength_clip"]) == ("1", "0.5")
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1"

@@ -232,8 +232,7 @@ def write_report(parts, result, train_config, prompt: str, resolution: int):
     before = sample_images(parts, prompts, **kwargs)
     with result.adapter.attached(*_attach_args(result.adapter, parts)):
         after = sample_images(parts, prompts, **kwargs)
-    grid = labelled_grid([before, after], ["base model", "trained"], [prompt, without_token],
-                         cell=max(128, resolution))
+    grid = labelled_grid([before, after], ["base model", "trained"], [prompt, without_token], min_cell=128)
     grid_path = stem + "_samples.png"
     atomic_write(grid_path, lambda tmp: grid.save(tmp, format="PNG"), overwrite=True)
     print(f"before/after samples {grid_path}")

@@ -1,6 +1,9 @@
 """Pictures for people: the loss chart and labelled image grids. Pure PIL, no matplotlib needed."""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 from PIL import Image, ImageDraw, ImageFont
 
 BACKGROUND = (255, 255, 255)
@@ -65,17 +68,92 @@ def side_by_side(images: list) -> Image.Image:
     return out
 
 
-def labelled_grid(rows: list, row_labels: list, column_labels: list, cell: int = 256) -> Image.Image:
-    """rows[r][c] images in a grid, with a label above each column and left of each row."""
+LABEL_PAD = 4
+
+
+@dataclass
+class GridLayout:
+    """Where labelled_grid puts things: row labels on the left, column labels above, then one
+    cell of cell_size per picture."""
+    label_width: int
+    label_height: int
+    cell_size: tuple  # (width, height)
+    rows: int
+    columns: int
+
+    @property
+    def size(self) -> tuple:
+        width, height = self.cell_size
+        return self.label_width + self.columns * width, self.label_height + self.rows * height
+
+    def cell_box(self, row: int, column: int) -> tuple:
+        """(left, top, right, bottom) of one picture."""
+        width, height = self.cell_size
+        left, top = self.label_width + column * width, self.label_height + row * height
+        return left, top, left + width, top + height
+
+
+def _text_width(text: str, font) -> int:
+    return math.ceil(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font))
+
+
+def wrapped(text: str, width: int, font) -> list:
+    """The text in lines no wider than width: broken at spaces, inside a word only when the word
+    alone is too wide."""
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}" if line else word
+        if _text_width(candidate, font) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        line = ""
+        for character in word:
+            if line and _text_width(line + character, font) > width:
+                lines.append(line)
+                line = ""
+            line += character
+    return lines + [line] if line else lines
+
+
+def grid_layout(row_labels: list, column_labels: list, cell_size: tuple, columns: int) -> GridLayout:
     font = ImageFont.load_default()
-    label_width, label_height = 120, 20
-    columns = max(len(r) for r in rows)
-    out = Image.new("RGB", (label_width + columns * cell, label_height + len(rows) * cell), BACKGROUND)
+    line_height = _line_height(font)
+    column_lines = max((len(wrapped(t, cell_size[0] - 2 * LABEL_PAD, font)) for t in column_labels), default=0)
+    label_width = max((_text_width(t, font) for t in row_labels), default=0) + 2 * LABEL_PAD
+    label_height = max(1, column_lines) * line_height + 2 * LABEL_PAD
+    return GridLayout(label_width, label_height, tuple(cell_size), len(row_labels), columns)
+
+
+def _line_height(font) -> int:
+    left, top, right, bottom = font.getbbox("Ay")
+    return bottom + 2
+
+
+def labelled_grid(rows: list, row_labels: list, column_labels: list, min_cell: int = 0) -> Image.Image:
+    """rows[r][c] pictures in a grid, with a label above each column (wrapped to the column's
+    width) and left of each row. Pictures keep their own size and shape; pictures smaller than
+    min_cell on their longer side are enlarged (same shape) so that small samples stay legible."""
+    font = ImageFont.load_default()
+    width = max(image.width for row in rows for image in row)
+    height = max(image.height for row in rows for image in row)
+    scale = max(1, math.ceil(min_cell / max(width, height)))
+    cell = (width * scale, height * scale)
+    layout = grid_layout(row_labels, column_labels, cell, max(len(r) for r in rows))
+    out = Image.new("RGB", layout.size, BACKGROUND)
     draw = ImageDraw.Draw(out)
+    line_height = _line_height(font)
     for c, text in enumerate(column_labels):
-        draw.text((label_width + c * cell + 4, 4), text, fill=AXIS_COLOUR, font=font)
+        left, _, _, _ = layout.cell_box(0, c)
+        for i, line in enumerate(wrapped(text, cell[0] - 2 * LABEL_PAD, font)):
+            draw.text((left + LABEL_PAD, LABEL_PAD + i * line_height), line, fill=AXIS_COLOUR, font=font)
     for r, (row, text) in enumerate(zip(rows, row_labels)):
-        draw.text((4, label_height + r * cell + cell // 2), text, fill=AXIS_COLOUR, font=font)
+        _, top, _, bottom = layout.cell_box(r, 0)
+        draw.text((LABEL_PAD, (top + bottom - line_height) // 2), text, fill=AXIS_COLOUR, font=font)
         for c, image in enumerate(row):
-            out.paste(image.convert("RGB").resize((cell, cell)), (label_width + c * cell, label_height + r * cell))
+            image = image.convert("RGB")
+            if scale > 1:
+                image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+            out.paste(image, layout.cell_box(r, c)[:2])
     return out
