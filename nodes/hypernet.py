@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import os
 
 from comfy_api.latest import io, ui
 
@@ -12,9 +11,10 @@ from ..trainer_core.adapters.hypernetwork import ACTIVATIONS, WEIGHT_INITIALIZAT
 from ..trainer_core.config import LATENT_SAMPLING, OPTIMIZERS
 from ..trainer_core.errors import TrainerInputError
 from ..trainer_core.prompt_templates import available_templates
-from .lora import MAX_SEED, image_tensor
+from .lora import MAX_SEED
 from .merge import file_fingerprint
 from .training_inputs import batch_inputs, memory_inputs, replace_inputs
+from .training_run import image_tensor, run_training, saved_name
 from .types import RegularizationSet, TrainingDataset
 
 log = logging.getLogger(__name__)
@@ -149,9 +149,9 @@ class HypernetTrain(io.ComfyNode):
                             "trains every picture with just the word 'picture'."),
                 io.Combo.Input(
                     "latent_sampling", options=list(LATENT_SAMPLING), default="once",
-                    tooltip="once: each picture is turned into latents one time and reused (fast). "
-                            "random: a fresh random latent is drawn from the VAE every time the "
-                            "picture is used (A1111's 'random' option; slower)."),
+                    tooltip="once: each picture is encoded one time to the VAE's most likely latent (as "
+                            "VAE Encode does) and reused (fast). random: a fresh latent is drawn from "
+                            "the VAE every time the picture is used (A1111's 'random' option; slower)."),
                 io.Int.Input(
                     "seed", default=0, min=0, max=MAX_SEED, control_after_generate=False,
                     tooltip="Makes training repeatable: the same seed, settings and pictures give the "
@@ -210,12 +210,10 @@ class HypernetTrain(io.ComfyNode):
                 sample_every_steps, resume_from, overwrite, force_retrain, loss_csv,
                 regularization=None) -> io.NodeOutput:
         from ..trainer_core.config import TrainConfig
-        from ..trainer_core.errors import TrainingCancelled
         from ..trainer_core.plots import loss_chart
         from ..trainer_core.train import train_hypernetwork
         from . import comfy_bridge as bridge
 
-        bridge.check_sd1(model)
         output_dir = hypernetwork_folder()
         hypernetwork_config = HypernetworkConfig(
             layer_structure=layer_structure, activation=activation, layer_norm=layer_norm, dropout=dropout,
@@ -229,23 +227,16 @@ class HypernetTrain(io.ComfyNode):
             sample_every_steps=sample_every_steps, resume_from=hypernetwork_path(resume_from),
             overwrite=overwrite, force_retrain=force_retrain, loss_csv=loss_csv)
         run_dataset = with_template(dataset, prompt_template)
-        progress = bridge.ComfyCallbacks(steps, cls.hidden.unique_id)
-        parts = bridge.build_parts(model, clip, vae)
-        parts.base_model_name = bridge.checkpoint_name(cls.hidden.prompt, cls.hidden.unique_id)
-        try:
-            with bridge.training_context(parts.unet):
-                result = train_hypernetwork(parts, run_dataset, hypernetwork_config, train_config,
-                                            regularization, progress.callbacks())
-        except TrainingCancelled as stopped:
-            log.info("hypernetwork training cancelled at step %d; last save: %s", stopped.step, stopped.last_save)
-            bridge.raise_interrupted()
-        progress.raise_if_interrupted()
+        result = run_training(
+            model, clip, vae, steps, cls.hidden,
+            lambda parts, callbacks: train_hypernetwork(parts, run_dataset, hypernetwork_config, train_config,
+                                                        regularization, callbacks))
 
         hypernetwork = result.adapter.eval()
-        name = os.path.relpath(result.final_path, output_dir).replace(os.sep, "/")
         chart = image_tensor(loss_chart(result.losses))
         return io.NodeOutput(bridge.apply_hypernetwork(model, hypernetwork, 1.0), hypernetwork,
-                             bridge.to_loss_map(result.losses), name, ui=ui.PreviewImage(chart, cls=cls))
+                             bridge.to_loss_map(result.losses), saved_name(result.final_path, output_dir),
+                             ui=ui.PreviewImage(chart, cls=cls))
 
 
 class ApplyHypernetwork(io.ComfyNode):

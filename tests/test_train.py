@@ -1,6 +1,7 @@
 """The training loop on the tiny built-in model: resume, cache, faults, precision, callbacks."""
 import glob
 import logging
+import dataclasses
 import os
 
 import pytest
@@ -49,16 +50,34 @@ def test_base_model_is_bit_identical_after_training(parts, dataset, tmp_path):
     assert torch.equal(before, unet_output(parts))
 
 
-def test_resume_from_intermediate_save_matches_uninterrupted_run(parts, dataset, tmp_path):
+@pytest.mark.parametrize("latent_sampling", ["once", "random"])
+def test_resume_from_intermediate_save_matches_uninterrupted_run(parts, dataset, tmp_path, latent_sampling):
     full = train_lora(parts, dataset, LoRAConfig(dropout=0.1),
-                      config(tmp_path, output_name="full", steps=6, save_every_steps=3))
+                      config(tmp_path, output_name="full", steps=6, save_every_steps=3,
+                             latent_sampling=latent_sampling))
     assert os.path.basename(full.saved_paths[0]) == "full_3.safetensors"
     resumed = train_lora(parts, dataset, LoRAConfig(dropout=0.1),
-                         config(tmp_path, output_name="resumed", steps=6,
+                         config(tmp_path, output_name="resumed", steps=6, latent_sampling=latent_sampling,
                                 resume_from=os.path.join(str(tmp_path), "full_3.safetensors")))
     assert resumed.losses == full.losses, "the loss curve must continue where it stopped"
     for key, tensor in full.kohya_state_dict.items():
         assert torch.equal(tensor, resumed.kohya_state_dict[key]), key
+
+
+def test_once_encodes_each_picture_to_the_mean_one_time_and_random_draws_every_step(parts, dataset, tmp_path):
+    calls = []
+    encode = parts.encode_images
+
+    def recording(pixels, generator=None):
+        calls.append(generator)
+        return encode(pixels, generator)
+    counted = dataclasses.replace(parts, encode_images=recording)
+    train_lora(counted, dataset, LoRAConfig(), config(tmp_path, output_name="once", steps=2 * len(dataset)))
+    assert len(calls) == len(dataset) and calls == [None] * len(dataset)
+    calls.clear()
+    train_lora(counted, dataset, LoRAConfig(), config(tmp_path, output_name="random", steps=2 * len(dataset),
+                                                      latent_sampling="random"))
+    assert len(calls) == 2 * len(dataset) and all(isinstance(g, torch.Generator) for g in calls)
 
 
 def test_requeue_with_same_settings_trains_nothing(parts, dataset, tmp_path):

@@ -23,8 +23,10 @@ class ModelParts:
     # Gradients flow through encode_text when a text-encoder LoRA is attached.
     text_encoder: nn.Module
     encode_text: Callable[[list], torch.Tensor]
-    # Images [B,3,H,W] in [-1,1] -> latents already multiplied by the VAE scale factor.
-    encode_images: Callable[[torch.Tensor], torch.Tensor]
+    # (images [B,3,H,W] in [-1,1], generator=None) -> latents already multiplied by the VAE scale
+    # factor: the posterior's mean, or with a torch.Generator a sample from it (a VAE without a
+    # posterior, such as TAESD, gives the same latents either way).
+    encode_images: Callable[..., torch.Tensor]
     # Latents (scaled) -> images [B,3,H,W] in [-1,1]; used for sample previews only.
     decode_latents: Optional[Callable[[torch.Tensor], torch.Tensor]]
     # The DDPM schedule the model was trained with: alphas_cumprod[t] for t in 0..999.

@@ -352,7 +352,7 @@ class _Loop:
         generator = torch.Generator().manual_seed(_step_seed(self.config.seed, n, stream + 10))
         flips = [dataset.config.flip and rng.random() < 0.5 for _ in indices]
         captions = [dataset.caption(i, rng) for i in indices]
-        latents = self._latents(dataset, indices, flips, generator)
+        latents = self._latents(dataset, indices, flips, n, stream)
         context = self._context(captions)
         batch = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator).to(self.device)
@@ -385,8 +385,11 @@ class _Loop:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _latents(self, dataset, indices, flips, generator):
+    def _latents(self, dataset, indices, flips, n, stream):
+        """Latents of the batch: "once" encodes each picture to the posterior's mean one time and
+        keeps it; "random" draws a fresh sample every time, seeded by the step."""
         cache = self.config.latent_sampling == "once"
+        generator = None if cache else torch.Generator().manual_seed(_step_seed(self.config.seed, n, stream + 20))
         out = []
         for index, flip in zip(indices, flips):
             key = (id(dataset), index, flip)
@@ -394,7 +397,7 @@ class _Loop:
             if latent is None:
                 pixels = dataset.pixels(index, flip).unsqueeze(0).to(self.device, self.parts.dtype)
                 with torch.no_grad():
-                    latent = self.parts.encode_images(pixels).float()
+                    latent = self.parts.encode_images(pixels, generator).float()
                 if cache:
                     self.latent_cache[key] = latent
             out.append(latent)

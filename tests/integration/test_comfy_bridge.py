@@ -70,6 +70,34 @@ def test_images_encode_to_scaled_latents_and_decode_back(sd1):
     assert images.shape == (1, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
 
 
+def test_a_generator_draws_latents_from_the_posterior_of_an_sd_vae_and_none_gives_vae_encode(sd1, bridge):
+    # The tiny checkpoint's TAESD has no posterior, so a full-size SD VAE (random weights, as
+    # diffusers lays it out; ComfyUI converts the keys) is built here.
+    import comfy.sd
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    blocks = 4
+    diffusers_vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks)
+    vae = comfy.sd.VAE(sd=diffusers_vae.state_dict())
+    parts = bridge.build_parts(sd1.model, sd1.clip, vae)
+    pixels = torch.rand((1, 3, 64, 64)) * 2 - 1
+    before = torch.random.get_rng_state()
+    with torch.inference_mode():
+        mode = parts.encode_images(pixels)
+        expected = sd1.model.model.latent_format.process_in(vae.encode(((pixels + 1) / 2).movedim(1, -1)))
+        first = parts.encode_images(pixels, torch.Generator().manual_seed(1))
+        again = parts.encode_images(pixels, torch.Generator().manual_seed(1))
+        other = parts.encode_images(pixels, torch.Generator().manual_seed(2))
+        mode_after = parts.encode_images(pixels)
+    assert torch.equal(mode, expected), "no generator: exactly what VAEEncode gives"
+    assert torch.equal(first, again), "the same generator seed draws the same sample"
+    assert not torch.equal(first, other) and not torch.equal(first, mode)
+    assert torch.equal(mode_after, mode), "the VAE is back to VAEEncode's behaviour"
+    assert torch.equal(torch.random.get_rng_state(), before), "ComfyUI's random state is left alone"
+
+
 def test_every_lora_target_is_a_layer_core_loraloader_patches(comfyui, sd1, bridge):
     lora = comfyui.pack_module("trainer_core.adapters.lora")
     unet, text_encoder = sd1.parts.unet_lora_targets, sd1.parts.text_encoder_lora_targets

@@ -104,9 +104,9 @@ def parts_from_diffusers(unet, text_encoder, tokenizer, vae, alphas_cumprod, pre
                          dtype, name: str = "", model_hash: str = "") -> ModelParts:
     """Wrap diffusers/transformers SD1 modules as `ModelParts`; the modules are frozen in place.
 
-    `encode_images(pixels, generator=None)` samples the VAE posterior (as the diffusers training
-    examples do) and multiplies by the VAE's `scaling_factor`; SD1's posterior is so narrow that
-    this is all but the mean. `encode_text` returns the text encoder's final hidden states, the
+    `encode_images(pixels, generator=None)` gives the VAE posterior's mean, as ComfyUI's
+    VAEEncode does, or with a generator a sample drawn from it; either times the VAE's
+    `scaling_factor`. SD1's posterior is so narrow that a sample is all but the mean. `encode_text` returns the text encoder's final hidden states, the
     context SD1 was trained with.
     """
     if prediction_type not in ("epsilon", "v_prediction"):
@@ -134,7 +134,8 @@ def parts_from_diffusers(unet, text_encoder, tokenizer, vae, alphas_cumprod, pre
 
     def encode_images(pixels, generator=None):
         posterior = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-        return posterior.sample(generator) * scaling_factor
+        latents = posterior.mode() if generator is None else posterior.sample(generator)
+        return latents * scaling_factor
 
     def decode_latents(latents):
         return vae.decode(latents.to(device, vae.dtype) / scaling_factor).sample.clamp(-1, 1)
