@@ -80,9 +80,11 @@ def build_parts(model, clip, vae) -> ModelParts:
     def encode_text(texts):
         return _encode_text(clip, texts).to(device)
 
-    def encode_images(pixels):
+    def encode_images(pixels, generator=None):
         images = ((pixels.float() + 1) / 2).clamp(0, 1).movedim(1, -1)
-        return latent_format.process_in(vae.encode(images)).to(device)
+        with _posterior_sampling(vae, generator):
+            latents = vae.encode(images)
+        return latent_format.process_in(latents).to(device)
 
     def decode_latents(latents):
         images = vae.decode(latent_format.process_out(latents.float()))
@@ -122,6 +124,25 @@ def _encode_text(clip, texts):
         encoder.set_clip_options({"layer": clip.layer_idx})
     context = encoder.encode_token_weights(batch)[0]
     return context.reshape(len(texts), -1, context.shape[-1])
+
+
+@contextlib.contextmanager
+def _posterior_sampling(vae, generator):
+    """VAEEncode gives the posterior's mode. Given a generator, the VAE draws a sample from the
+    posterior instead, seeded from the generator; a VAE without a posterior (TAESD) is unchanged."""
+    regularizer = getattr(vae.first_stage_model, "regularization", None)
+    if generator is None or not hasattr(regularizer, "sample"):
+        yield
+        return
+    seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        regularizer.sample = True
+        try:
+            yield
+        finally:
+            regularizer.sample = False
 
 
 def _alphas_cumprod(model_sampling) -> torch.Tensor:
@@ -485,10 +506,11 @@ class KSamplerPictures:
         self.total = steps * count
         self.done = 0
         self.bar = comfy.utils.ProgressBar(self.total, node_id=node_id)
+        self.conditionings = {}
 
     def picture(self, model, clip, prompt, negative_prompt) -> torch.Tensor:
         """One IMAGE [1, height, width, 3] for the prompt on this MODEL and CLIP."""
-        positive, negative = encode_prompt(clip, prompt), encode_prompt(clip, negative_prompt)
+        positive, negative = self.encode(clip, prompt), self.encode(clip, negative_prompt)
         latent = torch.zeros([1, 4, self.height // 8, self.width // 8],
                              device=comfy.model_management.intermediate_device())
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
@@ -500,6 +522,14 @@ class KSamplerPictures:
         self.done += self.steps
         images = self.vae.decode(samples)
         return images.reshape(-1, *images.shape[-3:])  # video VAEs add a frame axis; SD1's does not
+
+    def encode(self, clip, text):
+        """CLIPTextEncode's conditioning, made once per CLIP and text: the negative prompt and the
+        pictures sharing a CLIP do not load its patches and run it again."""
+        key = (id(clip), text)
+        if key not in self.conditionings:
+            self.conditionings[key] = (clip, encode_prompt(clip, text))  # the CLIP kept alive: its id stays its own
+        return self.conditionings[key][1]
 
     def _step_done(self, step, x0, x, total_steps):
         self.bar.update_absolute(self.done + step + 1, self.total)

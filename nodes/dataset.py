@@ -197,8 +197,7 @@ class RegImages(io.ComfyNode):
                             "your instance token, e.g. 'a girl' or 'simple illustration of a creature'."),
                 io.Combo.Input(
                     "folder", options=[NO_FOLDER] + input_subfolders(), default=NO_FOLDER,
-                    tooltip="A folder inside ComfyUI's input folder with class pictures (their caption "
-                            "files are ignored), or (none)."),
+                    tooltip="A folder inside ComfyUI's input folder with class pictures, or (none)."),
                 io.Int.Input(
                     "blank_count", default=0, min=0, max=10000,
                     tooltip="How many blank (transparent, shown as white) pictures to add. Guides use "
@@ -210,6 +209,11 @@ class RegImages(io.ComfyNode):
                 io.Int.Input(
                     "resolution", default=512, min=64, max=2048, step=64,
                     tooltip="The size these pictures are trained at: use the same value as LoadDataset."),
+                io.Boolean.Input(
+                    "use_caption_files", default=False,
+                    tooltip="On: a folder picture with a caption file (same name, .txt) is trained with "
+                            "that caption exactly as written, the others with class_prompt. Off: every "
+                            "picture gets class_prompt and caption files are ignored."),
                 io.String.Input(
                     "folder_path", default="", optional=True,
                     tooltip="Optional: the full path of a folder of class pictures anywhere on this "
@@ -244,9 +248,9 @@ class RegImages(io.ComfyNode):
 
     @classmethod
     def _regularization(cls, class_prompt="", folder=NO_FOLDER, blank_count=0, prior_loss_weight=1.0,
-                        resolution=512, folder_path="", images=None):
+                        resolution=512, use_caption_files=False, folder_path="", images=None):
         return regularization_set(
             folder=resolve_folder(folder, folder_path) or None,
             images=None if images is None else to_pil_images(images),
             class_prompt=class_prompt, prior_loss_weight=prior_loss_weight, resolution=resolution,
-            blank_count=blank_count)
+            blank_count=blank_count, use_caption_files=use_caption_files)

@@ -485,6 +485,19 @@ def test_regularization_folder_images_all_use_the_class_prompt(tmp_path):
     assert len(reg.dataset) == 3
     assert {reg.dataset.caption(i, random.Random(0)) for i in range(3)} == {"a girl"}
     assert reg.dataset.pixels(0, flip=False).shape == (3, 64, 64)
+    assert any("use_caption_files" in warning for warning in reg.dataset.warnings)
+
+
+def test_regularization_caption_files_are_used_as_written_when_asked(tmp_path):
+    save_image(tmp_path, "a.png", size=(64, 64), caption="a photo of a red car, parked")
+    save_image(tmp_path, "b.png", size=(64, 64))
+    reg = regularization_set(folder=str(tmp_path), class_prompt="a photo of a girl", blank_count=1, resolution=64,
+                             use_caption_files=True)
+    captions = [reg.dataset.caption(i, random.Random(0)) for i in range(3)]
+    assert captions == ["a photo of a red car, parked", "a photo of a girl", "a photo of a girl"], \
+        "the caption as written (no class prompt added); images without one get the class prompt"
+    plain = regularization_set(folder=str(tmp_path), class_prompt="a photo of a girl", resolution=64)
+    assert plain.dataset.fingerprint() != reg.dataset.fingerprint(), "a cached training is not reused"
 
 
 @pytest.mark.parametrize("options, field", [
@@ -494,6 +507,7 @@ def test_regularization_folder_images_all_use_the_class_prompt(tmp_path):
     (dict(blank_count=-1, class_prompt="a girl"), "blank_count"),
     (dict(class_prompt="a girl"), "blank_count"),
     (dict(blank_count=1, class_prompt="a girl", resolution=100), "resolution"),
+    (dict(blank_count=1, class_prompt="a girl", use_caption_files="yes"), "use_caption_files"),
 ])
 def test_bad_regularization_options_name_the_field(options, field):
     with pytest.raises(TrainerInputError, match=field):

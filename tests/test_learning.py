@@ -37,8 +37,9 @@ def concept():
 @pytest.fixture(scope="module")
 def world():
     images, captions = world_images()
-    # Every world caption starts with "a", so naming "a" the instance token keeps them as written.
-    dataset = ImageDataset.from_images(images, captions, DatasetConfig(instance_token="a", resolution=SIZE))
+    # Each world image keeps its own caption, as RegImages does with use_caption_files.
+    dataset = ImageDataset.from_images(
+        images, captions, DatasetConfig(instance_token="a picture", resolution=SIZE, captions_as_written=True))
     return RegularizationSet(dataset, prior_loss_weight=1.0)
 
 

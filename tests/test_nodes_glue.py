@@ -8,12 +8,15 @@ import asyncio
 import importlib
 import importlib.util
 import os
+import random
 import shutil
 import sys
 import types
 
 import pytest
 import torch
+
+from fake_bridge import FakeBridge
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK = "sd1_trainer_glue"
@@ -223,68 +226,27 @@ def test_reg_images_makes_blank_class_images(pack):
     assert len(regularization.dataset) == 3 and regularization.prior_loss_weight == 0.5
 
 
+def test_reg_images_reads_caption_files_only_when_asked(pack, tmp_path):
+    from PIL import Image
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(tmp_path / "car.png")
+    (tmp_path / "car.txt").write_text("a photo of a green car", encoding="utf-8")
+    node = pack.nodes["RegImages"]
+    asked = node.execute(class_prompt="a photo of a girl", folder_path=str(tmp_path), resolution=64,
+                         use_caption_files=True).values[0]
+    default = node.execute(class_prompt="a photo of a girl", folder_path=str(tmp_path), resolution=64).values[0]
+    assert asked.dataset.caption(0, random.Random(0)) == "a photo of a green car"
+    assert default.dataset.caption(0, random.Random(0)) == "a photo of a girl"
+    assert node.fingerprint_inputs(class_prompt="a photo of a girl", folder_path=str(tmp_path), resolution=64,
+                                   use_caption_files=True) \
+        != node.fingerprint_inputs(class_prompt="a photo of a girl", folder_path=str(tmp_path), resolution=64)
+
+
 def test_reg_images_refuses_an_empty_class_prompt(pack):
     assert "class_prompt" in pack.nodes["RegImages"].validate_inputs(class_prompt="")
 
 
 # ---------------------------------------------------------------------------------------------
 # LoRATrain, with the ComfyUI bridge and the trainer replaced
-
-
-class FakeBridge(types.SimpleNamespace):
-    """Records what LoRATrain asks of ComfyUI; returns tagged stand-ins."""
-
-    class Interrupted(Exception):
-        pass
-
-    def __init__(self, unmatched=()):
-        super().__init__(calls=[], unmatched=list(unmatched), progress=None)
-
-    def check_sd1(self, model):
-        self.calls.append(("check_sd1", model))
-
-    def build_parts(self, model, clip, vae):
-        self.calls.append(("build_parts", model, clip, vae))
-        return types.SimpleNamespace(unet="unet", text_encoder="text_encoder", base_model_name="")
-
-    def checkpoint_name(self, prompt, node_id):
-        return f"checkpoint of node {node_id} in {prompt}"
-
-    def training_context(self, *modules):
-        import contextlib
-        self.calls.append(("training_context",) + modules)
-        return contextlib.nullcontext()
-
-    def ComfyCallbacks(self, total_steps, node_id):
-        bridge = self
-
-        class Progress:
-            interrupted = False
-
-            def callbacks(self):
-                return "callbacks"
-
-            def raise_if_interrupted(self):
-                if self.interrupted:
-                    bridge.raise_interrupted()
-        self.progress = Progress()
-        self.calls.append(("progress", total_steps, node_id))
-        return self.progress
-
-    def raise_interrupted(self):
-        raise FakeBridge.Interrupted()
-
-    def unmatched_lora_keys(self, model, clip, state_dict):
-        return self.unmatched
-
-    def apply_lora(self, model, clip, state_dict):
-        return f"{model}+lora", f"{clip}+lora"
-
-    def to_lora_model(self, state_dict):
-        return {"lora_model": state_dict}
-
-    def to_loss_map(self, losses):
-        return {"loss": [v for _, v in losses]}
 
 
 LORA_INPUTS = dict(
@@ -377,12 +339,6 @@ def test_lora_train_turns_a_cancelled_run_into_comfyuis_interrupt(lora_node):
 
 def test_lora_train_stops_the_prompt_when_cancel_came_during_the_last_step(lora_node):
     # The run finished, but the user pressed Cancel: the files are kept, the prompt stops.
-    original = lora_node.bridge.ComfyCallbacks
-
-    def cancelled_progress(total_steps, node_id):
-        progress = original(total_steps, node_id)
-        progress.interrupted = True
-        return progress
-    lora_node.bridge.ComfyCallbacks = cancelled_progress
+    lora_node.bridge.cancel_pressed = True
     with pytest.raises(FakeBridge.Interrupted):
         run_lora_node(lora_node)

@@ -58,6 +58,9 @@ class DatasetConfig:
     tag_dropout: each tag after the first `keep_tokens` is left out with this probability;
     the tag holding the instance token is never left out.
     center_crop: only without bucketing: crop the centre square (else squash to a square).
+    captions_as_written: captions are used exactly as written, with no instance prompt added
+    (regularization images: their captions describe them; images without one get the
+    instance prompt, which for them is the class prompt).
     """
     folder: str = ""
     instance_token: str = ""
@@ -73,6 +76,7 @@ class DatasetConfig:
     caption_dropout: float = 0.0
     tag_dropout: float = 0.0
     template_lines: Optional[list] = None
+    captions_as_written: bool = False
 
     def validate(self) -> None:
         if not isinstance(self.instance_token, str) or not self.instance_token.strip():
@@ -90,7 +94,7 @@ class DatasetConfig:
         check_resolution(self.resolution)
         _check_whole(self.keep_tokens, "keep_tokens", minimum=0,
                      hint="how many leading caption tags stay in place")
-        for name in ("bucketing", "center_crop", "flip", "shuffle_tags"):
+        for name in ("bucketing", "center_crop", "flip", "shuffle_tags", "captions_as_written"):
             if not isinstance(getattr(self, name), bool):
                 raise TrainerInputError(f"{name} must be true or false, got {getattr(self, name)!r}.")
         for name in ("caption_dropout", "tag_dropout"):
@@ -188,8 +192,12 @@ class ImageDataset:
         text = self.items[index].text
         if config.template_lines:
             return self._templated(text, rng)
-        caption = config.instance_prompt if text is None else with_instance_token(text, config)
-        return self._process(caption, rng)
+        return self._process(self._full_caption(text), rng)
+
+    def _full_caption(self, text: Optional[str]) -> str:
+        if text is None:
+            return self.config.instance_prompt
+        return text if self.config.captions_as_written else with_instance_token(text, self.config)
 
     def _templated(self, text: Optional[str], rng: random.Random) -> str:
         config = self.config
@@ -250,9 +258,7 @@ class ImageDataset:
         for item in self.items:
             key = f"{item.bucket[0]}x{item.bucket[1]}"
             buckets[key] = buckets.get(key, 0) + 1
-            text = item.text
-            caption = self.config.instance_prompt if text is None else with_instance_token(text, self.config)
-            for tag in split_tags(caption):
+            for tag in split_tags(self._full_caption(item.text)):
                 tags[tag] = tags.get(tag, 0) + 1
             folder = (os.path.dirname(item.name) if item.path else "") or self._top_folder_name()
             entry = dirs.setdefault(folder, {"n_repeats": item.repeats, "img_count": 0})
@@ -280,17 +286,22 @@ class RegularizationSet:
 
 def regularization_set(folder=None, images=None, class_prompt="", prior_loss_weight=1.0, resolution=512,
                        blank_count=0, bucketing=True, center_crop=False, flip=False,
-                       repeats=1) -> RegularizationSet:
+                       repeats=1, use_caption_files=False) -> RegularizationSet:
     """Class images from a folder, from PIL images and/or `blank_count` blank ("transparent")
-    images; every one is captioned with `class_prompt` (caption files in the folder are ignored).
+    images, captioned with `class_prompt`. With `use_caption_files`, a folder image with a
+    caption file is captioned with that file exactly as written instead (as prior preservation
+    with captioned class images trains: the caption says what the picture shows).
     """
     if not isinstance(class_prompt, str) or not class_prompt.strip():
         raise TrainerInputError(
             "class_prompt is empty: regularization images need the prompt that describes them, "
             "e.g. 'a photo of a girl' (the class your subject belongs to, without the instance token).")
     _check_whole(blank_count, "blank_count", minimum=0, hint="how many blank images to generate")
+    if not isinstance(use_caption_files, bool):
+        raise TrainerInputError(f"use_caption_files must be true or false, got {use_caption_files!r}.")
     config = DatasetConfig(folder=folder or "", instance_token=class_prompt.strip(), resolution=resolution,
-                           bucketing=bucketing, center_crop=center_crop, flip=flip, repeats=repeats)
+                           bucketing=bucketing, center_crop=center_crop, flip=flip, repeats=repeats,
+                           captions_as_written=True)
     config.validate()
     _check_prior_loss_weight(prior_loss_weight)
     if not folder and not images and not blank_count:
@@ -299,7 +310,7 @@ def regularization_set(folder=None, images=None, class_prompt="", prior_loss_wei
         raise TrainerInputError("regularization images must be PIL images.")
     notes, items = [], []
     if folder:
-        items += _scan_folder(folder, config, notes, read_captions=False)
+        items += _scan_folder(folder, config, notes, read_captions=use_caption_files)
     in_memory = list(images or []) + blank_images(blank_count, resolution)
     if in_memory:
         items += _memory_items(in_memory, None, config)
@@ -430,7 +441,7 @@ def _scan_images(root, subfolder, repeats, config, notes, unreadable, read_capti
         _note_caption_mismatches(stems, captions, relative, notes)
     elif captions:
         notes.append(f"caption files in {directory} are ignored: regularization images are all "
-                     f"captioned with class_prompt.")
+                     f"captioned with class_prompt (turn on use_caption_files to use them).")
     items, empty_captions = [], []
     for name in images:
         path = os.path.join(directory, name)
@@ -451,7 +462,8 @@ def _scan_images(root, subfolder, repeats, config, notes, unreadable, read_capti
         items.append(DatasetItem(name=relative(name), size=size, bucket=_bucket_for(size, config), text=text,
                                  repeats=repeats, path=path, file_stats=tuple(stats)))
     if empty_captions:
-        notes.append(f"empty caption files (their images use the instance prompt): {_listing(empty_captions)}")
+        fallback = "class_prompt" if config.captions_as_written else "the instance prompt"
+        notes.append(f"empty caption files (their images use {fallback}): {_listing(empty_captions)}")
     return items
 
 
