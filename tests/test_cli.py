@@ -200,3 +200,13 @@ def test_ctrl_c_names_the_last_save_and_how_to_resume(model, tiny_parts, monkeyp
         pytest.fail("Ctrl-C ended the CLI with a traceback")
     error = capsys.readouterr().err
     assert code == 130 and "skkmtn_lora_6.safetensors" in error and "--resume" in error
+
+
+def test_regularization_flags_reach_the_regularization_set(tmp_path):
+    from trainer_core.cli import build_parser, configs_from_args
+    args = build_parser().parse_args(["train", "--reg-data", str(tmp_path), "--class-prompt", "a photo of a girl",
+                                      "--reg-blank", "3", "--reg-captions"])
+    assert configs_from_args(args)["regularization"] == dict(
+        folder=str(tmp_path), class_prompt="a photo of a girl", blank_count=3, use_caption_files=True)
+    plain = configs_from_args(build_parser().parse_args(["train", "--reg-blank", "3", "--class-prompt", "a girl"]))
+    assert "use_caption_files" not in plain["regularization"]

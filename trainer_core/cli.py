@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--class-prompt", default="", help="prompt of the regularization images")
     train.add_argument("--reg-data", default="", help="folder of class (regularization) images")
     train.add_argument("--reg-blank", type=int, default=0, help="number of blank 'transparent' reg images")
+    train.add_argument("--reg-captions", action="store_true",
+                       help="train each --reg-data image that has a caption file with that caption as written "
+                            "(the others use --class-prompt)")
     train.add_argument("--layer-structure", default="", help="hypernetwork layer structure, e.g. 1,2,2,1")
     train.add_argument("--activation", default="", help="hypernetwork activation, e.g. mish")
     train.add_argument("--output-dir", default="runs")
@@ -121,6 +124,7 @@ def configs_from_args(args) -> dict:
     _set(s["regularization"], "class_prompt", args.class_prompt)
     _set(s["regularization"], "folder", args.reg_data)
     _set(s["regularization"], "blank_count", args.reg_blank)
+    _set(s["regularization"], "use_caption_files", args.reg_captions)
 
     dataset_config = _build(DatasetConfig, s["dataset"], "dataset")
     dataset_config.validate()
