@@ -105,7 +105,7 @@ def build_our_prompt(comfyui, spec) -> dict:
             comfyui, "LoRATrain", model=["1", 0], clip=["1", 1], vae=["1", 2], dataset=["2", 0],
             output_name="bench_ours", steps=spec["warmup"] + spec["steps"], learning_rate=LEARNING_RATE,
             rank=spec["rank"], alpha=float(spec["rank"]), batch_size=spec["batch"], precision="auto",
-            gradient_checkpointing=False, seed=0),
+            gradient_checkpointing=spec.get("our_checkpointing", False), seed=0),
         "5": inputs_with_defaults(comfyui, "SaveLoRANode", lora=[OUR_TRAIN_NODE, 2], prefix="loras/bench_ours"),
     }
 
@@ -328,8 +328,10 @@ def measure(kind, args, root, checkpoint, **settings) -> dict:
     spec.update(settings)
     label = f"{kind} {json.dumps({k: v for k, v in spec.items() if k not in ('root', 'checkpoint')})}"
     print(f"  running {label}", file=sys.stderr, flush=True)
-    return run_subprocess([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                          args.threads, label)
+    result = run_subprocess([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+                            args.threads, label)
+    print(f"  {line(kind, result)}", file=sys.stderr, flush=True)  # kept if a later measurement fails
+    return result
 
 
 def our_warmup(batch) -> int:
@@ -433,7 +435,7 @@ def load_average() -> str:
 
 def report(args, results, cli, total_seconds, load_before) -> None:
     ours, fastest, default, bare = results["ours"], results["core_fp32"], results["core_default"], results["bare"]
-    b8_ours, b8_core = results["ours_b8"], results["core_fp32_b8"]
+    b8_ours, b8_core = results.get("ours_b8"), results.get("core_fp32_b8")
     on_cuda = ours.get("node_peak_vram_mb") is not None
     clocks = ("step_times", "step_cpu_times")
     print(f"ComfyUI {comfyui_version()}, device {ours['device']}, torch threads {ours['threads']}, model "
@@ -442,11 +444,13 @@ def report(args, results, cli, total_seconds, load_before) -> None:
           f"(core defaults and batch 8: {len(default['step_times'])}); OMP_WAIT_POLICY "
           f"{os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}; load average before {load_before}, after {load_average()}")
     print(line("ours  LoRATrain (precision auto = fp32)", ours))
+    print(line("ours  with gradient checkpointing", results["ours_checkpointing"]))
     print(line("core  TrainLoraNode fp32, no checkpointing", fastest))
     print(line("core  TrainLoraNode defaults (bf16, ckpt)", default))
     print(line("bare  UNet forward+backward, no adapter", bare))
-    print(line("ours  batch 8", b8_ours))
-    print(line("core  fp32, batch 8", b8_core))
+    if b8_ours:
+        print(line("ours  batch 8", b8_ours))
+        print(line("core  fp32, batch 8", b8_core))
     if "error" in cli:
         print(f"{'CLI   trainer_core, diffusers backend':<40} failed: {cli['error']}")
     else:
@@ -467,6 +471,11 @@ def report(args, results, cli, total_seconds, load_before) -> None:
     print(f"ratios ours/core fp32: step time {1 / rate[0]:.2f} (CPU time {1 / rate[1]:.2f}), "
           f"{'peak VRAM' if on_cuda else 'process peak RSS'} {memory:.2f}, memory added by the trainer {added:.2f}; "
           f"ours/core defaults: step time {1 / rate_default[0]:.2f} (CPU time {1 / rate_default[1]:.2f})")
+    saving = results["ours_checkpointing"]
+    print(f"ours with gradient checkpointing / core fp32: step time {1 / ratio(fastest, saving, clocks[0]):.2f} "
+          f"(CPU time {1 / ratio(fastest, saving, clocks[1]):.2f}), "
+          f"{'peak VRAM' if on_cuda else 'process peak RSS'} {saving[memory_field] / fastest[memory_field]:.2f}, "
+          f"memory added by the trainer {trainer_added_mb(saving) / trainer_added_mb(fastest):.2f}")
     print("targets (informational, one run; time targets judged on the wall clock and on CPU time):")
     print(timed_target("step rate ours/core fp32", rate, TARGET_STEP_RATE, at_least=True)
           + f" (ours/core defaults: wall {rate_default[0]:.2f}, CPU {rate_default[1]:.2f})")
@@ -479,9 +488,12 @@ def report(args, results, cli, total_seconds, load_before) -> None:
         print("  peak VRAM: not measured (no CUDA device)")
     print(timed_target("step time ours/bare forward+backward", [ratio(ours, bare, c) for c in clocks],
                        TARGET_OVER_BARE))
-    print(timed_target("batch 8 per step / batch 1, ours", [ratio(b8_ours, ours, c) for c in clocks],
-                       TARGET_BATCH_SCALING) + " (core fp32: wall {:.2f}, CPU {:.2f})".format(
-                           *[ratio(b8_core, fastest, c) for c in clocks]))
+    if b8_ours:
+        print(timed_target("batch 8 per step / batch 1, ours", [ratio(b8_ours, ours, c) for c in clocks],
+                           TARGET_BATCH_SCALING) + " (core fp32: wall {:.2f}, CPU {:.2f})".format(
+                               *[ratio(b8_core, fastest, c) for c in clocks]))
+    else:
+        print("  batch 8 per step / batch 1: not measured (--no-batch-8)")
     print(f"  re-queue unchanged graph, no training step, < {TARGET_REQUEUE_SECONDS:.0f} s: "
           f"{verdict(requeue < TARGET_REQUEUE_SECONDS and no_steps)} {requeue:.2f} s (the slower of the two)")
     print(f"benchmark wall time {total_seconds:.0f} s")
@@ -495,6 +507,9 @@ def main():
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--resolution", type=int, default=0, help="default: 64 (tiny model), 512 (--checkpoint)")
+    parser.add_argument("--no-batch-8", action="store_true",
+                        help="skip the batch 8 runs: core's node samples batch x batch pictures per step, which "
+                             "takes many minutes per step at large resolutions on a CPU")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--write-tiny-checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -522,11 +537,15 @@ def main():
             "core_fp32": measure("core", args, root, checkpoint, core_dtype="fp32", core_checkpointing=False),
             "core_default": measure("core", args, root, checkpoint, core_dtype="bf16", core_checkpointing=True,
                                     steps=slow_steps),
+            "ours_checkpointing": measure("ours", args, root, checkpoint, warmup=our_warmup(args.batch),
+                                          our_checkpointing=True),
             "bare": measure("bare", args, root, checkpoint),
-            "ours_b8": measure("ours", args, root, checkpoint, batch=8, steps=batch_steps, warmup=our_warmup(8)),
-            "core_fp32_b8": measure("core", args, root, checkpoint, batch=8, steps=batch_steps,
-                                    core_dtype="fp32", core_checkpointing=False),
         }
+        if not args.no_batch_8:
+            results["ours_b8"] = measure("ours", args, root, checkpoint, batch=8, steps=batch_steps,
+                                         warmup=our_warmup(8))
+            results["core_fp32_b8"] = measure("core", args, root, checkpoint, batch=8, steps=batch_steps,
+                                              core_dtype="fp32", core_checkpointing=False)
         cli = measure_cli(args)
     report(args, results, cli, time.perf_counter() - started, load_before)
 
