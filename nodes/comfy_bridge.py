@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import comfy.clip_model
+import comfy.ldm.modules.attention
 import comfy.lora
 import comfy.lora_convert
 import comfy.model_management
@@ -48,6 +49,8 @@ UNUSED_BY_SD1 = ("text_projection.weight", "logit_scale")
 PREVIEW_MAX_SIZE = 1024
 NOT_LOADED_PREFIX = "lora key not loaded: "
 
+log = logging.getLogger(__name__)
+
 
 def check_sd1(model) -> None:
     """Refuse anything but an SD1.x model before any work is done."""
@@ -72,10 +75,12 @@ def build_parts(model, clip, vae) -> ModelParts:
     model_sampling = model.get_model_object("model_sampling")
     latent_format = model.get_model_object("latent_format")
     text_encoder = clip.cond_stage_model
+    attention = training_attention()
 
     def predict_noise(x_t, t, context):
         # A fresh transformer_options each call: the UNet writes into the dict it is given.
-        return unet(x_t.to(dtype), timesteps=t.float(), context=context.to(dtype), transformer_options={})
+        options = {} if attention is None else {"optimized_attention_override": attention}
+        return unet(x_t.to(dtype), timesteps=t.float(), context=context.to(dtype), transformer_options=options)
 
     def encode_text(texts):
         return _encode_text(clip, texts).to(device)
@@ -106,6 +111,26 @@ def build_parts(model, clip, vae) -> ModelParts:
         base_model_hash=base_model_hash(model, clip, vae),
         base_model_name="",
     )
+
+
+def training_attention():
+    """Torch SDPA for every attention call of the UNet while training, or None where this
+    ComfyUI cannot choose the function per call (it then runs its own, as before).
+
+    ComfyUI picks its attention at start-up: on a CPU that is the sub-quadratic one (unless it
+    runs with --use-pytorch-cross-attention), which is slower to train through and picks its
+    chunks from free memory, so a checkpointed block can recompute with other shapes; sage
+    attention has no backward at all. Since ComfyUI 0.3.6x every attention function is wrapped
+    by `wrap_attn`, which hands the call to `transformer_options["optimized_attention_override"]`.
+    """
+    attention = comfy.ldm.modules.attention
+    if not (hasattr(attention, "wrap_attn") and hasattr(attention, "attention_pytorch")):
+        log.info("this ComfyUI cannot choose the attention per call; training uses its own attention")
+        return None
+
+    def sdpa(default_attention, *args, **kwargs):
+        return attention.attention_pytorch(*args, **kwargs)
+    return sdpa
 
 
 def _encode_text(clip, texts):
