@@ -105,17 +105,17 @@ def test_existing_file_from_other_settings_is_not_overwritten(parts, dataset, tm
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_save(parts, dataset, tmp_path, monkeypatch):
-    calls = {"n": 0}
+    steps_done = []
     original = parts.predict_noise
 
     def poisoned(x, t, c):
-        calls["n"] += 1
         out = original(x, t, c)
-        return out * float("nan") if calls["n"] > 4 else out
+        return out * float("nan") if len(steps_done) >= 4 else out
 
     monkeypatch.setattr(parts, "predict_noise", poisoned)
+    callbacks = Callbacks(on_step=lambda step, total, loss: steps_done.append(step))
     with pytest.raises(TrainingStopped, match=r"step 5.*learning rate") as stopped:
-        train_lora(parts, dataset, LoRAConfig(), config(tmp_path, steps=8, save_every_steps=2))
+        train_lora(parts, dataset, LoRAConfig(), config(tmp_path, steps=8, save_every_steps=2), callbacks=callbacks)
     assert stopped.value.last_save.endswith("run_4.safetensors")
     load_lora(stopped.value.last_save)
     assert not os.path.exists(os.path.join(str(tmp_path), "run.safetensors"))

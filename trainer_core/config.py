@@ -9,6 +9,8 @@ from .errors import TrainerInputError
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+# auto: on only when the memory plan says the run would not fit without it.
+GRADIENT_CHECKPOINTING = ("auto", "on", "off")
 LATENT_SAMPLING = ("once", "random")
 
 # Options that change where or how often files are written, not what is learned. They are left
@@ -35,7 +37,7 @@ class TrainConfig:
     lr_scheduler: str = "constant"
     warmup_steps: int = 0
     precision: str = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: str = "auto"  # also True/False, as "on"/"off"
     min_snr_gamma: float = 0.0
     noise_offset: float = 0.0
     max_grad_norm: float = 1.0
@@ -67,12 +69,19 @@ class TrainConfig:
         _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("latent_sampling", self.latent_sampling, LATENT_SAMPLING)
+        if self.gradient_checkpointing not in (True, False, *GRADIENT_CHECKPOINTING):
+            raise TrainerInputError(f"gradient_checkpointing must be one of {', '.join(GRADIENT_CHECKPOINTING)} "
+                                    f"(got {self.gradient_checkpointing!r}).")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise TrainerInputError(f"seed must be a whole number >= 0 (got {self.seed!r}).")
 
     def learning_key(self) -> dict:
         """The options that change what is learned (for the training cache)."""
-        return {k: v for k, v in asdict(self).items() if k not in OUTPUT_ONLY_FIELDS}
+        key = {k: v for k, v in asdict(self).items() if k not in OUTPUT_ONLY_FIELDS}
+        # "on"/"off" key as True/False did before "auto" existed, so earlier runs stay cache hits.
+        key["gradient_checkpointing"] = {"on": True, "off": False}.get(
+            self.gradient_checkpointing, self.gradient_checkpointing)
+        return key
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":

@@ -25,6 +25,7 @@ from .jobs import HypernetworkJob, LoRAJob
 from .optim import resolved_optimizer_name
 from .formats import check_writable_folder, remove_stale_temp_files
 from .parts import ModelParts
+from .runtime import Runtime, training_runtime
 
 log = logging.getLogger(__name__)
 
@@ -114,18 +115,20 @@ def _run(parts, job, dataset, config: TrainConfig, regularization, callbacks: Ca
     for path in planned:
         remove_stale_temp_files(path, sidecars=(STATE_SUFFIX, ".optim"))
 
-    start_step, losses, optimizer_state = 0, [], None
+    start_step, losses, optimizer_state, resumed_runtime = 0, [], None, None
     if config.resume_from:
-        start_step, losses, optimizer_state = _resume(job, config.resume_from, resolved_optimizer_name(config, parts.device))
+        start_step, losses, optimizer_state, resumed_runtime = _resume(
+            job, config.resume_from, resolved_optimizer_name(config, parts.device))
         if start_step >= config.steps:
             raise TrainerInputError(
                 f"resume_from {os.path.basename(config.resume_from)} is already at step {start_step}; "
                 f"set steps above {start_step} to train further.")
 
-    loop = _Loop(parts, job, dataset, config, regularization, callbacks, key)
     devices = [parts.device.index or 0] if parts.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        saved = loop.run(start_step, losses, optimizer_state, final_path)
+    with training_runtime(parts, job, config, dataset.config.resolution, resumed_runtime) as runtime:
+        loop = _Loop(parts, job, dataset, config, regularization, callbacks, key, runtime)
+        with torch.random.fork_rng(devices=devices):
+            saved = loop.run(start_step, losses, optimizer_state, final_path)
     return TrainResult(adapter=job.module, final_path=final_path, saved_paths=saved, losses=loop.losses,
                        steps_done=config.steps, from_cache=False, kohya_state_dict=job.file_state_dict())
 
@@ -186,27 +189,14 @@ def _resume(job, path, optimizer_name):
         optimizer_state = job.read_foreign_optimizer_state(path)
         log.warning("resume_from: %s has no %s file; continuing from step %d with %s optimizer state",
                     path, STATE_SUFFIX, step, "its" if optimizer_state else "a fresh")
-        return step, [], optimizer_state
+        return step, [], optimizer_state, None
     optimizer_state = state.get("optimizer")
     if state.get("optimizer_name", optimizer_name) != optimizer_name:
         log.warning("resume_from: %s was trained with %s; starting a fresh %s optimizer state",
                     path, state.get("optimizer_name"), optimizer_name)
         optimizer_state = None
-    return int(state["step"]), [tuple(x) for x in state.get("losses", [])], optimizer_state
-
-
-def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype, or None for plain fp32. "auto": fp32 on CPU (bf16 is ~10x slower there)."""
-    if precision == "fp32":
-        return None
-    if device.type != "cuda":
-        if precision in ("fp16", "bf16"):
-            log.warning("precision %s asked for on %s; training in fp32 (half precision is slower on a CPU)",
-                        precision, device.type)
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float16 if precision == "fp16" else torch.bfloat16
+    return (int(state["step"]), [tuple(x) for x in state.get("losses", [])], optimizer_state,
+            state.get("runtime"))
 
 
 def _step_seed(seed: int, step: int, stream: int) -> int:
@@ -232,11 +222,13 @@ class _BatchStream:
 
 
 class _Loop:
-    def __init__(self, parts: ModelParts, job, dataset, config: TrainConfig, regularization, callbacks, key):
+    def __init__(self, parts: ModelParts, job, dataset, config: TrainConfig, regularization, callbacks, key,
+                 runtime: Runtime):
         self.parts, self.job, self.dataset, self.config = parts, job, dataset, config
         self.regularization, self.callbacks, self.key = regularization, callbacks, key
         self.device = parts.device
-        self.autocast_dtype = resolve_precision(config.precision, self.device)
+        self.runtime = runtime
+        self.autocast_dtype = runtime.autocast_dtype
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.alphas_cumprod = parts.alphas_cumprod.to(self.device, torch.float32)
         self.instance_batches = _BatchStream(dataset, config.batch_size, config.seed)
@@ -264,7 +256,7 @@ class _Loop:
                  self.device, self.autocast_dtype or "fp32")
         with contextlib.ExitStack() as stack:
             stack.enter_context(job.attached())
-            if config.gradient_checkpointing:
+            if self.runtime.gradient_checkpointing:
                 stack.enter_context(gradient_checkpointing(self.parts.unet))
             for step in range(start_step + 1, config.steps + 1):
                 if self.callbacks.should_stop and self.callbacks.should_stop():
@@ -451,6 +443,7 @@ class _Loop:
             "optimizer": optimizer.state_dict(),
             "optimizer_name": self.optimizer_name,
             "config": self.config.learning_key(),
+            "runtime": self.runtime.state(),
         })
         written.append(_state_path(path))
         if self.config.loss_csv:

@@ -1,0 +1,289 @@
+"""How much memory a training run will need, worked out before the first step.
+
+Out-of-memory crashes are the most common complaint about trainers inside ComfyUI. The plan runs
+the UNet once on fake tensors (shapes and dtypes only, no arithmetic, no memory) at the run's
+batch and resolution, with the adapter attached and the run's autocast, and records every
+tensor autograd keeps for the backward pass. From that it tells:
+
+- the activations kept with and without gradient checkpointing (which recomputes each
+  transformer block in the backward pass and keeps only its inputs),
+- what the adapter adds: its weights, their gradients and the optimizer's state,
+- so the peak: what the process holds now (the loaded model and the runtime) plus the above.
+
+That decides "auto" gradient checkpointing, and stops a run that cannot fit before it starts,
+naming settings that would fit.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .errors import TrainerInputError
+
+log = logging.getLogger(__name__)
+
+MIB = 2 ** 20
+# Adam keeps two fp32 moments per weight; bitsandbytes' AdamW8bit two 8-bit ones.
+OPTIMIZER_STATE_BYTES = {"AdamW": 8, "AdamW8bit": 2, "Prodigy": 16}
+# Gradients of the activations live beside the kept activations during the backward pass.
+# Measured on the tiny model and a full-size SD1.5 UNet on a CPU (see benchmarks/README.md):
+# the peak over the kept activations is about the largest few activations of the UNet.
+BACKWARD_WORKSPACE_TENSORS = 4
+# Only this share of the free memory is planned with: the estimate is within about 25%.
+USABLE_SHARE = 0.9
+SMALLER_RESOLUTIONS = (768, 640, 512, 448, 384, 320, 256, 192, 128)
+
+
+@dataclass(frozen=True)
+class ActivationProfile:
+    """Bytes autograd keeps for the backward pass in one forward of the UNet."""
+
+    kept: int                    # everything kept, without checkpointing
+    kept_in_blocks: int          # of which inside the transformer blocks
+    block_inputs: int            # what checkpointing keeps of the blocks instead: their inputs
+    largest_block: int           # the most one block keeps (recomputed one at a time)
+    largest_tensor: int          # the largest single activation
+
+    def scaled(self, factor: float) -> "ActivationProfile":
+        return ActivationProfile(*(int(value * factor) for value in (
+            self.kept, self.kept_in_blocks, self.block_inputs, self.largest_block, self.largest_tensor)))
+
+    def with_checkpointing(self, on: bool) -> int:
+        workspace = BACKWARD_WORKSPACE_TENSORS * self.largest_tensor
+        if not on:
+            return self.kept + workspace
+        return self.kept - self.kept_in_blocks + self.block_inputs + self.largest_block + workspace
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    device: torch.device
+    in_use: int                  # what the process (CPU) or torch (CUDA) holds now
+    weights: int                 # the model's weights, part of in_use
+    adapter: int                 # adapter weights + gradients + optimizer state
+    activations: ActivationProfile
+    free: Optional[int]          # free memory of the device now, None if unknown
+    checkpointing: bool
+    batch_size: int
+    resolution: int
+    optimizer: str
+
+    def added(self, checkpointing: Optional[bool] = None) -> int:
+        on = self.checkpointing if checkpointing is None else checkpointing
+        return self.adapter + self.activations.with_checkpointing(on)
+
+    def peak(self, checkpointing: Optional[bool] = None) -> int:
+        return self.in_use + self.added(checkpointing)
+
+    def fits(self, checkpointing: Optional[bool] = None) -> bool:
+        return self.free is None or self.added(checkpointing) <= USABLE_SHARE * self.free
+
+    def line(self) -> str:
+        """The log line (benchmarks/ parse `memory plan: estimated peak <N> MiB`)."""
+        free = "unknown" if self.free is None else f"{self.free / MIB:.0f} MiB"
+        return (f"memory plan: estimated peak {self.peak() / MIB:.0f} MiB ("
+                f"in use now {self.in_use / MIB:.0f} MiB incl. model weights {self.weights / MIB:.0f} MiB; "
+                f"adapter + gradients + {self.optimizer} state {self.adapter / MIB:.0f} MiB; "
+                f"activations {self.activations.with_checkpointing(self.checkpointing) / MIB:.0f} MiB at batch "
+                f"{self.batch_size}, {self.resolution} px, gradient checkpointing "
+                f"{'on' if self.checkpointing else 'off'} "
+                f"({self.activations.with_checkpointing(not self.checkpointing) / MIB:.0f} MiB "
+                f"{'off' if self.checkpointing else 'on'}); free on {self.device.type}: {free})")
+
+    def settings_that_fit(self) -> list:
+        """Changes, one at a time from these settings, that would fit the free memory."""
+        if self.free is None:
+            return []
+        budget = USABLE_SHARE * self.free
+        options = []
+        if not self.checkpointing and self.fits(True):
+            options.append("gradient_checkpointing on")
+        if self.optimizer != "AdamW8bit" and self.device.type == "cuda":
+            saved = self.adapter * (1 - OPTIMIZER_STATE_BYTES["AdamW8bit"] / (8 + OPTIMIZER_STATE_BYTES.get(
+                self.optimizer, 8)))
+            if self.added() - saved <= budget:
+                options.append("optimizer AdamW8bit")
+        on = True  # the smaller batch or resolution is named with checkpointing, the cheapest way
+        for batch in range(self.batch_size - 1, 0, -1):
+            if self.adapter + self.activations.scaled(batch / self.batch_size).with_checkpointing(on) <= budget:
+                options.append(f"batch_size {batch} (with gradient_checkpointing on)")
+                break
+        for resolution in SMALLER_RESOLUTIONS:
+            if resolution >= self.resolution:
+                continue
+            factor = (resolution / self.resolution) ** 2
+            if self.adapter + self.activations.scaled(factor).with_checkpointing(on) <= budget:
+                options.append(f"resolution {resolution} (with gradient_checkpointing on)")
+                break
+        return options
+
+    def refusal(self) -> str:
+        fit = self.settings_that_fit()
+        advice = ("; ".join(fit) + " would fit") if fit else (
+            "nothing smaller tried here fits either: free memory (close other programs or models), or "
+            "train with fewer trained layers or a lower rank")
+        return (f"not enough memory to train: the run needs about {self.added() / MIB:.0f} MiB more "
+                f"(estimated peak {self.peak() / MIB:.0f} MiB) but only {self.free / MIB:.0f} MiB is free on "
+                f"{self.device}. {advice[0].upper()}{advice[1:]}.")
+
+
+def plan_memory(parts, job, batch_size: int, resolution: int, autocast_dtype, optimizer: str,
+                checkpointing: bool) -> MemoryPlan:
+    """The plan for these settings. The UNet runs once on fake tensors: no memory, no arithmetic."""
+    device = parts.device
+    latent = max(1, resolution // 8)
+    activations = activation_profile(parts, job, batch_size, latent, autocast_dtype)
+    trained = [p for group in job.param_groups() for p in group["params"]]
+    per_weight = 4 + 4 + OPTIMIZER_STATE_BYTES.get(optimizer, 8)  # fp32 weight + gradient + state
+    adapter = sum(p.numel() for p in trained) * per_weight
+    return MemoryPlan(device=device, in_use=memory_in_use(device), weights=_weights_bytes(parts),
+                      adapter=adapter, activations=activations, free=free_memory(device),
+                      checkpointing=checkpointing, batch_size=batch_size, resolution=resolution,
+                      optimizer=optimizer)
+
+
+def choose_checkpointing(plan: MemoryPlan, setting) -> MemoryPlan:
+    """The plan with checkpointing as set ("on"/"off"), or for "auto" on only when needed to fit.
+    Raises TrainerInputError when the run cannot fit, naming settings that would."""
+    if setting == "auto":
+        plan = replace(plan, checkpointing=not plan.fits(False))
+        if plan.checkpointing:
+            log.info("gradient checkpointing auto: on (without it training needs about %.0f MiB more, "
+                     "%.0f MiB is free)", plan.added(False) / MIB, plan.free / MIB)
+    else:
+        plan = replace(plan, checkpointing=setting == "on")
+    log.info(plan.line())
+    if not plan.fits():
+        raise TrainerInputError(plan.refusal())
+    return plan
+
+
+def activation_profile(parts, job, batch_size: int, latent: int, autocast_dtype) -> ActivationProfile:
+    """Runs the UNet with the adapter attached on fake tensors and adds up what autograd keeps."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    context = _context_shape(parts, batch_size)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    frozen = {id(mode.from_tensor(t).untyped_storage()) for t in _model_tensors(parts)}
+    kept, in_blocks, inputs = {}, {}, {}
+    current = []
+
+    def pack(tensor):
+        key = id(tensor.untyped_storage())
+        if key not in frozen and key not in kept:
+            kept[key] = tensor.untyped_storage().nbytes()
+            if current:
+                in_blocks.setdefault(current[-1], {})[key] = kept[key]
+        return tensor
+
+    def enter(block, args):
+        if not current:
+            inputs[id(block)] = inputs.get(id(block), 0) + sum(
+                a.untyped_storage().nbytes() for a in args if isinstance(a, torch.Tensor))
+        current.append(id(block))
+
+    def leave(block, args, output):
+        current.pop()
+
+    hooks = []
+    for block in transformer_blocks(parts.unet):
+        hooks.append(block.register_forward_pre_hook(enter))
+        hooks.append(block.register_forward_hook(leave))
+    autocast = (torch.autocast(parts.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    try:
+        with job.attached(), mode, torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _same):
+            x_t = torch.zeros(batch_size, 4, latent, latent, device=parts.device, dtype=parts.dtype)
+            t = torch.zeros(batch_size, dtype=torch.long, device=parts.device)
+            c = torch.zeros(context, device=parts.device, dtype=parts.dtype)
+            with autocast:
+                parts.predict_noise(x_t, t, c)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    per_block = [sum(sizes.values()) for sizes in in_blocks.values()]
+    return ActivationProfile(kept=sum(kept.values()), kept_in_blocks=sum(per_block),
+                             block_inputs=sum(inputs.values()), largest_block=max(per_block, default=0),
+                             largest_tensor=max(kept.values(), default=0))
+
+
+def transformer_blocks(unet: nn.Module) -> list:
+    """The blocks gradient checkpointing recomputes (named `...transformer_blocks.N`)."""
+    return [m for name, m in unet.named_modules() if name.rsplit(".", 2)[-2:-1] == ["transformer_blocks"]]
+
+
+def _same(tensor):
+    return tensor
+
+
+def _context_shape(parts, batch_size):
+    with torch.no_grad():
+        context = parts.encode_text([""])
+    return (batch_size, *context.shape[1:])
+
+
+def _model_tensors(parts):
+    modules = [parts.unet, parts.text_encoder]
+    return [t for m in modules if m is not None for t in list(m.parameters()) + list(m.buffers())]
+
+
+def _weights_bytes(parts) -> int:
+    storages = {}
+    for tensor in _model_tensors(parts):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def memory_in_use(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _proc_status_bytes("VmRSS") or 0
+
+
+def free_memory(device: torch.device) -> Optional[int]:
+    """Free memory on the device now: CUDA's free memory, or the RAM available (MemAvailable)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # Memory torch has reserved but not handed out is free for training too.
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return None
+
+
+def _proc_status_bytes(field: str) -> Optional[int]:
+    try:
+        with open(f"/proc/{os.getpid()}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_setting(value) -> str:
+    """gradient_checkpointing as "auto", "on" or "off" (True/False from older workflows and configs)."""
+    if value is True or value == "on":
+        return "on"
+    if value is False or value == "off":
+        return "off"
+    if value == "auto":
+        return "auto"
+    raise TrainerInputError(f"gradient_checkpointing must be auto, on or off (got {value!r}).")
