@@ -13,7 +13,7 @@ from ..trainer_core.errors import TrainerInputError
 from ..trainer_core.prompt_templates import available_templates
 from .lora import MAX_SEED
 from .merge import file_fingerprint
-from .training_inputs import batch_inputs, memory_inputs, replace_inputs
+from .training_inputs import batch_inputs, gradient_checkpointing_valid, memory_inputs, replace_inputs
 from .training_run import image_tensor, run_training, saved_name
 from .types import RegularizationSet, TrainingDataset
 
@@ -191,7 +191,10 @@ class HypernetTrain(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, layer_structure=None, activation=None, layer_norm=None, activate_output=None,
-                        weight_initialization=None):
+                        weight_initialization=None, gradient_checkpointing=None):
+        # Named here, ComfyUI leaves gradient_checkpointing's check to this method, so true/false pass.
+        if gradient_checkpointing is not None and not gradient_checkpointing_valid(gradient_checkpointing):
+            return f"gradient_checkpointing must be auto, on or off (got {gradient_checkpointing!r})"
         if None in (layer_structure, activation, layer_norm, activate_output, weight_initialization):
             return True
         try:

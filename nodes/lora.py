@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..trainer_core.config import LR_SCHEDULERS, OPTIMIZERS
-from .training_inputs import batch_inputs, memory_inputs, replace_inputs
+from .training_inputs import batch_inputs, gradient_checkpointing_valid, memory_inputs, replace_inputs
 from .training_run import image_tensor, run_training, saved_name
 from .types import RegularizationSet, TrainingDataset
 
@@ -126,6 +126,13 @@ class LoRATrain(io.ComfyNode):
             ],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
+
+    @classmethod
+    def validate_inputs(cls, gradient_checkpointing=None):
+        # Named here, ComfyUI leaves this input's check to this method, so true/false pass.
+        if gradient_checkpointing is None or gradient_checkpointing_valid(gradient_checkpointing):
+            return True
+        return f"gradient_checkpointing must be auto, on or off (got {gradient_checkpointing!r})"
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, output_name, steps, learning_rate, text_encoder_learning_rate,

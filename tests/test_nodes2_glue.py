@@ -63,7 +63,7 @@ def test_hypernet_train_defaults_follow_the_guides(pack):
     inputs = schema_inputs(pack, "HypernetTrain")
     expected = {"learning_rate": 1e-5, "layer_structure": "1,2,2,1", "activation": "mish", "steps": 2000,
                 "batch_size": 1, "gradient_accumulation": 1, "optimizer": "AdamW", "precision": "auto",
-                "gradient_checkpointing": False, "layer_norm": False, "dropout": False,
+                "gradient_checkpointing": "auto", "layer_norm": False, "dropout": False,
                 "weight_initialization": "Normal", "output_name": "skkmtn_hypernet", "save_every_steps": 0,
                 "sample_every_steps": 0, "prompt_template": "none (captions)", "latent_sampling": "once",
                 "resume_from": "none", "overwrite": False, "force_retrain": False, "loss_csv": False}

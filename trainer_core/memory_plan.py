@@ -58,7 +58,8 @@ class ActivationProfile:
         workspace = BACKWARD_WORKSPACE_TENSORS * self.largest_tensor
         if not on:
             return self.kept + workspace
-        return self.kept - self.kept_in_blocks + self.block_inputs + self.largest_block + workspace
+        # A recomputed block holds its activations and their gradients at once.
+        return self.kept - self.kept_in_blocks + self.block_inputs + 2 * self.largest_block + workspace
 
 
 @dataclass(frozen=True)
@@ -169,13 +170,16 @@ def activation_profile(parts, job, batch_size: int, latent: int, autocast_dtype)
     from torch._subclasses.fake_tensor import FakeTensorMode
     context = _context_shape(parts, batch_size)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    frozen = {id(mode.from_tensor(t).untyped_storage()) for t in _model_tensors(parts)}
     kept, in_blocks, inputs = {}, {}, {}
     current = []
 
     def pack(tensor):
-        key = id(tensor.untyped_storage())
-        if key not in frozen and key not in kept:
+        # Frozen weights (and views of them) need no gradient and are held anyway; what is computed
+        # from them and the inputs alone, before any trained layer, is small.
+        if tensor.grad_fn is None and not tensor.requires_grad:
+            return tensor
+        key = tensor.untyped_storage()._cdata
+        if key not in kept:
             kept[key] = tensor.untyped_storage().nbytes()
             if current:
                 in_blocks.setdefault(current[-1], {})[key] = kept[key]

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .errors import TrainingCancelled
 from .memory_plan import MemoryPlan, check_setting, choose_checkpointing, plan_memory
 
 log = logging.getLogger(__name__)
@@ -58,12 +59,15 @@ def training_runtime(parts, job, config, resolution: int, resumed: Optional[dict
     on exit. `resumed` is a saved Runtime.state(): a resumed run keeps its choices."""
     previous = torch.get_num_threads()
     try:
-        probe = UNetProbe(parts, resolution)
-        threads = _threads(parts.device, probe, previous, (resumed or {}).get("threads"))
-        autocast = resolve_precision(config.precision, parts.device, probe, (resumed or {}).get("autocast"))
-        plan = plan_memory(parts, job, config.batch_size, resolution, autocast,
-                           _optimizer_name(config, parts.device), checkpointing=False)
-        plan = choose_checkpointing(plan, check_setting(config.gradient_checkpointing))
+        try:
+            probe = UNetProbe(parts, resolution)
+            threads = _threads(parts.device, probe, previous, (resumed or {}).get("threads"))
+            autocast = resolve_precision(config.precision, parts.device, probe, (resumed or {}).get("autocast"))
+            plan = plan_memory(parts, job, config.batch_size, resolution, autocast,
+                               _optimizer_name(config, parts.device), checkpointing=False)
+            plan = choose_checkpointing(plan, check_setting(config.gradient_checkpointing))
+        except KeyboardInterrupt:
+            raise TrainingCancelled("training cancelled before its first step", last_save=None, step=0) from None
         yield Runtime(autocast_dtype=autocast, threads=threads, memory=plan)
     finally:
         torch.set_num_threads(previous)
