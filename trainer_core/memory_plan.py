@@ -37,7 +37,7 @@ OPTIMIZER_STATE_BYTES = {"AdamW": 8, "AdamW8bit": 2, "Prodigy": 16}
 BACKWARD_WORKSPACE_TENSORS = 4
 # Only this share of the free memory is planned with: the estimate is within about 25%.
 USABLE_SHARE = 0.9
-SMALLER_RESOLUTIONS = (768, 640, 512, 448, 384, 320, 256, 192, 128)
+RESOLUTION_STEP = 64  # smaller resolutions are tried in these steps
 
 
 @dataclass(frozen=True)
@@ -115,9 +115,8 @@ class MemoryPlan:
             if self.adapter + self.activations.scaled(batch / self.batch_size).with_checkpointing(on) <= budget:
                 options.append(f"batch_size {batch} (with gradient_checkpointing on)")
                 break
-        for resolution in SMALLER_RESOLUTIONS:
-            if resolution >= self.resolution:
-                continue
+        below = (self.resolution - 1) // RESOLUTION_STEP * RESOLUTION_STEP
+        for resolution in range(below, 0, -RESOLUTION_STEP):
             factor = (resolution / self.resolution) ** 2
             if self.adapter + self.activations.scaled(factor).with_checkpointing(on) <= budget:
                 options.append(f"resolution {resolution} (with gradient_checkpointing on)")
@@ -126,12 +125,12 @@ class MemoryPlan:
 
     def refusal(self) -> str:
         fit = self.settings_that_fit()
-        advice = ("; ".join(fit) + " would fit") if fit else (
-            "nothing smaller tried here fits either: free memory (close other programs or models), or "
-            "train with fewer trained layers or a lower rank")
+        advice = ("Settings that would fit: " + "; ".join(fit)) if fit else (
+            "None of checkpointing, a smaller batch or resolution fits either: free memory (close other "
+            "programs or models), or train fewer layers or a lower rank")
         return (f"not enough memory to train: the run needs about {self.added() / MIB:.0f} MiB more "
                 f"(estimated peak {self.peak() / MIB:.0f} MiB) but only {self.free / MIB:.0f} MiB is free on "
-                f"{self.device}. {advice[0].upper()}{advice[1:]}.")
+                f"{self.device}. {advice}.")
 
 
 def plan_memory(parts, job, batch_size: int, resolution: int, autocast_dtype, optimizer: str,
