@@ -16,8 +16,10 @@ naming settings that would fit.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import weakref
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -38,6 +40,8 @@ BACKWARD_WORKSPACE_TENSORS = 4
 # Only this share of the free memory is planned with: the estimate is within about 25%.
 USABLE_SHARE = 0.9
 RESOLUTION_STEP = 64  # smaller resolutions are tried in these steps
+# UNet -> {settings: ActivationProfile}; forgotten with the UNet.
+_PROFILES = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,18 @@ def choose_checkpointing(plan: MemoryPlan, setting) -> MemoryPlan:
 
 
 def activation_profile(parts, job, batch_size: int, latent: int, autocast_dtype) -> ActivationProfile:
+    """What autograd keeps in one forward, for this model, adapter, batch, size and autocast; the
+    same run planned again in this process (a re-queue, the next test) reuses the answer."""
+    key = (json.dumps(job.describe(), sort_keys=True, default=str), batch_size, latent, str(autocast_dtype),
+           str(parts.dtype))
+    cached = _PROFILES.get(parts.unet, {}).get(key)
+    if cached is None:
+        cached = _measure_activations(parts, job, batch_size, latent, autocast_dtype)
+        _PROFILES.setdefault(parts.unet, {})[key] = cached
+    return cached
+
+
+def _measure_activations(parts, job, batch_size: int, latent: int, autocast_dtype) -> ActivationProfile:
     """Runs the UNet with the adapter attached on fake tensors and adds up what autograd keeps."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     context = _context_shape(parts, batch_size)
