@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .errors import TrainerInputError
 
@@ -187,7 +188,6 @@ def activation_profile(parts, job, batch_size: int, latent: int, autocast_dtype)
 
 def _measure_activations(parts, job, batch_size: int, latent: int, autocast_dtype) -> ActivationProfile:
     """Runs the UNet with the adapter attached on fake tensors and adds up what autograd keeps."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     context = _context_shape(parts, batch_size)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     kept, in_blocks, inputs = {}, {}, {}

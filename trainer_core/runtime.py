@@ -26,6 +26,7 @@ import torch
 
 from .errors import TrainingCancelled
 from .memory_plan import MemoryPlan, check_setting, choose_checkpointing, plan_memory
+from .optim import resolved_optimizer_name
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +65,13 @@ def training_runtime(parts, job, config, resolution: int, resumed: Optional[dict
             threads = _threads(parts.device, probe, previous, (resumed or {}).get("threads"))
             autocast = resolve_precision(config.precision, parts.device, probe, (resumed or {}).get("autocast"))
             plan = plan_memory(parts, job, config.batch_size, resolution, autocast,
-                               _optimizer_name(config, parts.device), checkpointing=False)
+                               resolved_optimizer_name(config, parts.device), checkpointing=False)
             plan = choose_checkpointing(plan, check_setting(config.gradient_checkpointing))
         except KeyboardInterrupt:
             raise TrainingCancelled("training cancelled before its first step", last_save=None, step=0) from None
         yield Runtime(autocast_dtype=autocast, threads=threads, memory=plan)
     finally:
         torch.set_num_threads(previous)
-
-
-def _optimizer_name(config, device):
-    from .optim import resolved_optimizer_name
-    return resolved_optimizer_name(config, device)
 
 
 # -- precision ---------------------------------------------------------------------------------------
