@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import time
 from contextlib import suppress
 
@@ -47,8 +48,12 @@ def atomic_write(path, write_fn, overwrite=False):
         raise _exists_error(path)
     os.makedirs(folder, exist_ok=True)
     tmp = _new_temp_file(folder, os.path.basename(path))
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask
     try:
         write_fn(tmp)
+        # Writers that replace the file (safetensors makes it 0600) would leave it unreadable to
+        # a ComfyUI or A1111 running as another user: every file gets the umask's mode.
+        os.chmod(tmp, mode)
         _fsync_file(tmp)
         # Checked again: training takes minutes, another run may have written the file since.
         if not overwrite and os.path.exists(path):
@@ -62,7 +67,7 @@ def atomic_write(path, write_fn, overwrite=False):
 
 
 def _new_temp_file(folder, name):
-    # Not tempfile.mkstemp: its 0600 mode would stay on the final file; 0666 lets umask decide.
+    # Not tempfile.mkstemp: its 0600 mode would stay on the final file; 0666 lets the umask decide.
     while True:
         tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
         try:
@@ -401,7 +406,7 @@ def _modelspec(title, width, height, started, prediction_type, trigger_phrase):
 
 
 def save_training_state(path, state: dict, overwrite=True):
-    """Write the resume state (optimizer state_dict, step, RNG states, loss history, config).
+    """Write the resume state (training key, step, loss history, optimizer state_dict and name, config).
 
     Only plain types and tensors go in, so `load_training_state` can use weights_only=True.
     Overwrites by default: the state is a sidecar of the LoRA file saved just before it,
