@@ -19,7 +19,7 @@ from contextlib import suppress
 
 import torch
 
-from .errors import TrainerInputError
+from .errors import TrainerInputError, name_of
 
 
 LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
@@ -93,7 +93,7 @@ def check_writable_folder(folder):
         os.remove(_new_temp_file(folder, "write-check"))
     except OSError as error:
         raise TrainerInputError(
-            f"output_dir {folder} is not writable ({error.strerror or error}). Choose a folder you can "
+            f"{name_of('output_dir')} {folder} is not writable ({error.strerror or error}). Choose a folder you can "
             f"write to, or free disk space.") from error
 
 
@@ -111,7 +111,8 @@ def remove_stale_temp_files(path, sidecars=()):
 
 def _exists_error(path):
     return OutputExistsError(
-        f"{path} already exists. Choose another output name, or turn on overwrite to replace it."
+        f"{path} already exists. Choose another {name_of('output_name')}, or turn on {name_of('overwrite')} to "
+        f"replace it."
     )
 
 
@@ -148,21 +149,21 @@ def safe_output_path(folder, name, suffix, overwrite=False) -> str:
     replaced, so the file always lands in `folder` on every OS.
     """
     if not isinstance(name, str) or not name.strip():
-        raise TrainerInputError("output name is empty: type a file name such as 'my_lora'.")
+        raise TrainerInputError(f"{name_of('output_name')} is empty: type a file name such as 'my_lora'.")
     stem = name.strip()
     if suffix and stem.lower().endswith(suffix.lower()):
         stem = stem[: -len(suffix)]
     stem = _clean_stem(stem)
     if not stem.strip("_ ."):  # nothing left but what we replaced
         raise TrainerInputError(
-            f"output name {name!r} has no usable characters: use letters, digits, '-' or '_'."
+            f"{name_of('output_name')} {name!r} has no usable characters: use letters, digits, '-' or '_'."
         )
     folder = os.path.abspath(os.fspath(folder))
     path = os.path.join(folder, stem + suffix)
     real_folder = os.path.realpath(folder)
     if os.path.commonpath([real_folder, os.path.realpath(path)]) != real_folder:
         raise TrainerInputError(
-            f"output name {name!r} points outside {folder} (a link?). Choose another name."
+            f"{name_of('output_name')} {name!r} points outside {folder} (a link?). Choose another name."
         )
     if not overwrite and os.path.exists(path):
         raise _exists_error(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict
 
-from .errors import TrainerInputError
+from .errors import TrainerInputError, name_of
 from .formats import safe_output_path
 
 
@@ -69,7 +69,8 @@ class LoRAJob:
         if alphas and alphas != {float(self.lora_config.alpha)}:
             raise TrainerInputError(
                 f"{os.path.basename(path)} was trained with alpha {', '.join(f'{a:g}' for a in sorted(alphas))} "
-                f"but alpha is set to {self.lora_config.alpha:g}: set alpha to the file's value to continue it.")
+                f"but {name_of('alpha')} is set to {self.lora_config.alpha:g}: set {name_of('alpha')} to the file's "
+                f"value to continue it.")
         self._file_state = state_dict
         return int(metadata.get("ss_steps", 0) or 0)
 
@@ -118,13 +119,13 @@ class HypernetworkJob:
         from .adapters.hypernetwork import load_hypernetwork
         loaded, step = load_hypernetwork(path)
         ours, theirs = self.hypernetwork_config, loaded.config
-        for field in ("layer_structure", "activation", "layer_norm", "activate_output"):
-            mine, file_value = _comparable(field, getattr(ours, field)), _comparable(field, getattr(theirs, field))
+        for name in ("layer_structure", "activation", "layer_norm", "activate_output"):
+            mine, file_value = _comparable(name, getattr(ours, name)), _comparable(name, getattr(theirs, name))
             if mine != file_value:
                 raise TrainerInputError(
-                    f"{os.path.basename(path)} has {field} {getattr(theirs, field)!r} but this run has "
-                    f"{getattr(ours, field)!r}: set {field} to the file's value to continue it, or start a new "
-                    f"training.")
+                    f"{os.path.basename(path)} has {name_of(name)} {getattr(theirs, name)!r} but this run has "
+                    f"{getattr(ours, name)!r}: set {name_of(name)} to the file's value to continue it, or start a "
+                    f"new training.")
         if sorted(loaded.widths) != sorted(self.module.widths):
             raise TrainerInputError(
                 f"{os.path.basename(path)} was made for attention widths {sorted(loaded.widths)}, this model "
@@ -142,8 +143,8 @@ class HypernetworkJob:
         return None
 
 
-def _comparable(field, value):
-    if field == "layer_structure":
+def _comparable(name, value):
+    if name == "layer_structure":
         from .adapters.hypernetwork import parse_layer_structure
         return [float(x) for x in parse_layer_structure(value)]
     return value

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import TrainConfig
-from .errors import TrainerInputError, TrainingCancelled, TrainingStopped
+from .errors import TrainerInputError, TrainingCancelled, TrainingStopped, name_of
 from .jobs import HypernetworkJob, LoRAJob
 from .optim import resolved_optimizer_name
 from .formats import check_writable_folder, remove_stale_temp_files
@@ -99,8 +99,8 @@ def _run(parts, job, dataset, config: TrainConfig, regularization, callbacks: Ca
     images = dataset.summary()["num_train_images"]
     if config.batch_size > images:
         raise TrainerInputError(
-            f"batch_size {config.batch_size} is larger than the dataset ({images} images with repeats): "
-            f"lower batch_size or add images/repeats.")
+            f"{name_of('batch_size')} {config.batch_size} is larger than the dataset ({images} images with "
+            f"repeats): lower {name_of('batch_size')} or add images/repeats.")
     key = training_key(job, dataset, config, regularization, parts)
     final_path = job.output_path(config.output_name)
     cached = _cache_hit(job, final_path, key, config)
@@ -119,8 +119,8 @@ def _run(parts, job, dataset, config: TrainConfig, regularization, callbacks: Ca
         start_step, losses, optimizer_state = _resume(job, config.resume_from, resolved_optimizer_name(config, parts.device))
         if start_step >= config.steps:
             raise TrainerInputError(
-                f"resume_from {os.path.basename(config.resume_from)} is already at step {start_step}; "
-                f"set steps above {start_step} to train further.")
+                f"{name_of('resume_from')} {os.path.basename(config.resume_from)} is already at step "
+                f"{start_step}; set {name_of('steps')} above {start_step} to train further.")
 
     loop = _Loop(parts, job, dataset, config, regularization, callbacks, key)
     devices = [parts.device.index or 0] if parts.device.type == "cuda" else []
@@ -155,9 +155,9 @@ def _cache_hit(job, final_path, key, config) -> Optional[TrainResult]:
     if state is None or state.get("training_key") != key:
         return None
     step = job.load_weights(final_path)
-    log.info("training cache hit: %s was trained with the same settings, data and model; not retraining",
-             final_path)
-    return TrainResult(adapter=job.module, final_path=final_path, saved_paths=[final_path],
+    log.info("already trained: %s was trained with the same settings, data and model; not training again "
+             "(%s trains it anew)", final_path, name_of("force_retrain"))
+    return TrainResult(adapter=job.module, final_path=final_path, saved_paths=[],
                        losses=[tuple(x) for x in state.get("losses", [])], steps_done=step,
                        from_cache=True, kohya_state_dict=job.file_state_dict())
 
@@ -169,16 +169,16 @@ def _check_may_write(path, key, config):
     if state is not None and state.get("training_key") == key:
         return  # an earlier save of this same run (force_retrain or a resumed run): safe to replace
     raise TrainerInputError(
-        f"{path} already exists from a different training run. Change output_name, or turn on "
-        f"overwrite to replace it.")
+        f"{path} already exists from a different training run. Change {name_of('output_name')}, or turn on "
+        f"{name_of('overwrite')} to replace it.")
 
 
 def _resume(job, path, optimizer_name):
     if not os.path.exists(path):
-        raise TrainerInputError(f"resume_from: {path} does not exist. Pick one of the saved files.")
+        raise TrainerInputError(f"{name_of('resume_from')}: {path} does not exist. Pick one of the saved files.")
     if not path.endswith(job.suffix):
         raise TrainerInputError(
-            f"resume_from: {os.path.basename(path)} is not a {job.kind} file. A {job.kind} run resumes "
+            f"{name_of('resume_from')}: {os.path.basename(path)} is not a {job.kind} file. A {job.kind} run resumes "
             f"from a {job.suffix} file it saved ({job.other_kind_hint}).")
     step = job.load_weights(path)
     state = _read_state(path)

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..errors import TrainerInputError
+from ..errors import TrainerInputError, name_of
 from ..formats import atomic_write, describe_state_dict, file_short_hash
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,10 @@ class HypernetworkConfig:
             # Linear as last and puts the activation after it too: the file would generate
             # differently in ComfyUI than it trained (A1111 runs it as trained).
             raise TrainerInputError(
-                f"layer_norm with activation {self.activation!r} needs activate_output turned on: "
-                "ComfyUI's HypernetworkLoader applies the activation after the output layer whenever "
-                "layer_norm is on. Turn on activate_output, set activation to linear, or turn off layer_norm."
+                f"{name_of('layer_norm')} with {name_of('activation')} {self.activation!r} needs "
+                f"{name_of('activate_output')} turned on: ComfyUI's HypernetworkLoader applies the activation "
+                f"after the output layer whenever layer_norm is on. Turn on {name_of('activate_output')}, set "
+                f"{name_of('activation')} to linear, or turn off {name_of('layer_norm')}."
             )
 
     def validate_format(self) -> None:
@@ -89,12 +90,12 @@ class HypernetworkConfig:
         self.layer_sizes()
         if self.activation not in ACTIVATIONS:
             raise TrainerInputError(
-                f"activation {self.activation!r} is not supported: use one of {', '.join(ACTIVATIONS)} "
+                f"{name_of('activation')} {self.activation!r} is not supported: use one of {', '.join(ACTIVATIONS)} "
                 "(the ones ComfyUI's HypernetworkLoader can load)."
             )
         if self.weight_initialization not in WEIGHT_INITIALIZATIONS:
             raise TrainerInputError(
-                f"weight_initialization {self.weight_initialization!r} is not supported: use one of "
+                f"{name_of('weight_initialization')} {self.weight_initialization!r} is not supported: use one of "
                 f"{', '.join(WEIGHT_INITIALIZATIONS)} (Normal is A1111's default)."
             )
 
@@ -113,12 +114,12 @@ def parse_layer_structure(value) -> list[float]:
         sizes = [float(str(p).strip()) for p in parts]
     except (TypeError, ValueError):
         raise TrainerInputError(
-            f"layer_structure {value!r} is not a list of numbers: write it {example}.") from None
+            f"{name_of('layer_structure')} {value!r} is not a list of numbers: write it {example}.") from None
     if len(sizes) < 2 or sizes[0] != 1 or sizes[-1] != 1:
         raise TrainerInputError(
-            f"layer_structure {value!r} must start and end with 1 (the context width in and out): {example}.")
+            f"{name_of('layer_structure')} {value!r} must start and end with 1 (the context width in and out): {example}.")
     if not all(math.isfinite(s) and s > 0 for s in sizes):
-        raise TrainerInputError(f"layer_structure {value!r} must hold numbers above 0: {example}.")
+        raise TrainerInputError(f"{name_of('layer_structure')} {value!r} must hold numbers above 0: {example}.")
     return sizes
 
 
@@ -140,7 +141,7 @@ def learning_rate_warning(lr: float) -> Optional[str]:
     if lr <= LEARNING_RATE_WARNING_ABOVE:
         return None
     return (
-        f"learning_rate {lr:g} is high for a hypernetwork: above {LEARNING_RATE_WARNING_ABOVE:g} "
+        f"{name_of('learning_rate')} {lr:g} is high for a hypernetwork: above {LEARNING_RATE_WARNING_ABOVE:g} "
         "they usually turn to noise (A1111's default is 1e-5; 5e-6 to 5e-5 is usual). "
         "LoRA learning rates do not carry over."
     )

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import TrainerInputError
+from ..errors import TrainerInputError, name_of
 from ..formats import describe_state_dict, kohya_modules
 
 UNET_PREFIX = "lora_unet_"
@@ -37,19 +37,20 @@ class LoRAConfig:
     def validate(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise TrainerInputError(
-                f"rank must be a whole number of at least 1 (got {self.rank!r}); 4 to 32 is usual."
+                f"{name_of('rank')} must be a whole number of at least 1 (got {self.rank!r}); 4 to 32 is usual."
             )
         if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
             raise TrainerInputError(
-                f"alpha must be a number above 0 (got {self.alpha!r}); alpha = rank gives scale 1, "
+                f"{name_of('alpha')} must be a number above 0 (got {self.alpha!r}); alpha = rank gives scale 1, "
                 "alpha = 1 is kohya's default."
             )
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise TrainerInputError(
-                f"dropout must be at least 0 and below 1 (got {self.dropout!r}); 0 turns it off."
+                f"{name_of('dropout')} must be at least 0 and below 1 (got {self.dropout!r}); 0 turns it off."
             )
         if not (self.train_unet or self.train_text_encoder):
-            raise TrainerInputError("train_unet and train_text_encoder are both off: turn on at least one.")
+            raise TrainerInputError(
+                f"{name_of('train_unet')} and {name_of('train_text_encoder')} are both off: turn on at least one.")
 
 
 def layer_sizes(target: nn.Module) -> tuple[int, int]:
@@ -228,8 +229,8 @@ def _check_rank_fits(targets, ranks):
     if too_small:
         name = min(too_small, key=too_small.get)
         raise TrainerInputError(
-            f"rank {ranks[name]} is larger than the smallest layer it would train ({name} has "
-            f"{too_small[name]} features): set rank to {too_small[name]} or less."
+            f"{name_of('rank')} {ranks[name]} is larger than the smallest layer it would train ({name} has "
+            f"{too_small[name]} features): set {name_of('rank')} to {too_small[name]} or less."
         )
 
 
@@ -262,11 +263,11 @@ def _check_names(file_names: set, expected: set):
     if any(n.startswith(TEXT_ENCODER_PREFIX) for n in unknown) and not any(
         n.startswith(TEXT_ENCODER_PREFIX) for n in expected
     ):
-        hint = " The file also trains the text encoder: turn on train_text_encoder."
+        hint = f" The file also trains the text encoder: turn on {name_of('train_text_encoder')}."
     elif any(n.startswith(TEXT_ENCODER_PREFIX) for n in missing) and not any(
         n.startswith(TEXT_ENCODER_PREFIX) for n in file_names
     ):
-        hint = " The file has no text-encoder layers: turn off train_text_encoder."
+        hint = f" The file has no text-encoder layers: turn off {name_of('train_text_encoder')}."
     raise TrainerInputError(
         f"This LoRA's layers do not match the model: the file looks like {kind}; expected an "
         f"SD1.x kohya LoRA with names like {_examples(expected)}. "
