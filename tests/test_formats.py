@@ -158,7 +158,7 @@ def test_output_names_are_cleaned_into_the_folder(tmp_path, name, expected):
 
 @pytest.mark.parametrize("name", ["", "   ", "..", "/", "...", ". .", None])
 def test_output_names_without_usable_characters_are_refused(tmp_path, name):
-    with pytest.raises(TrainerInputError, match="output name"):
+    with pytest.raises(TrainerInputError, match="output_name"):
         safe_output_path(tmp_path, name, ".safetensors")
 
 
