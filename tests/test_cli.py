@@ -91,10 +91,25 @@ def test_second_identical_run_is_a_cache_hit_said_once_with_no_save_bar_or_sampl
     assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
 
 
+def test_finished_run_continues_with_more_steps_without_overwrite(model, tmp_path, caplog):
+    assert train(tmp_path, "--steps", "4", "--save-every", "2") == 0
+    final = tmp_path / "skkmtn_lora.safetensors"
+    first_save = (tmp_path / "skkmtn_lora_2.safetensors").read_bytes()
+    caplog.set_level(logging.INFO, logger="trainer_core")
+    assert train(tmp_path, "--steps", "8", "--save-every", "2", "--resume", str(final)) == 0
+    assert load_lora(final)[1]["ss_steps"] == "8"
+    assert load_lora(tmp_path / "skkmtn_lora_6.safetensors")[1]["ss_steps"] == "6"
+    assert (tmp_path / "skkmtn_lora_2.safetensors").read_bytes() == first_save, "steps before the resume stay"
+    assert any("steps 5..8" in r.getMessage() for r in caplog.records)
+
+
 def test_another_run_under_the_same_name_still_needs_overwrite(model, tmp_path, capsys):
     assert train(tmp_path, "--steps", "2") == 0
     assert train(tmp_path, "--steps", "2", "--lr", "0.002") == 2
-    assert "--overwrite" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "--overwrite" in error and "--resume" not in error
+    assert train(tmp_path, "--steps", "4") == 2
+    assert "It is this training at step 2: to train it further, set --resume to it" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")

@@ -107,20 +107,24 @@ def _run(parts, job, dataset, config: TrainConfig, regularization, callbacks: Ca
     if cached is not None:
         return cached
 
-    planned = [job.output_path(f"{config.output_name}_{s}") for s in _save_steps(config)] + [final_path]
-    for path in planned:
-        _check_may_write(path, key, config)
-    check_writable_folder(config.output_dir)
-    for path in planned:
-        remove_stale_temp_files(path, sidecars=(STATE_SUFFIX, ".optim"))
-
-    start_step, losses, optimizer_state = 0, [], None
+    start_step, losses, optimizer_state, resumed_key = 0, [], None, None
     if config.resume_from:
-        start_step, losses, optimizer_state = _resume(job, config.resume_from, resolved_optimizer_name(config, parts.device))
+        start_step, losses, optimizer_state, resumed_key = _resume(
+            job, config.resume_from, resolved_optimizer_name(config, parts.device))
         if start_step >= config.steps:
             raise TrainerInputError(
                 f"{name_of('resume_from')} {os.path.basename(config.resume_from)} is already at step "
                 f"{start_step}; set {name_of('steps')} above {start_step} to train further.")
+
+    # The files this run writes. Those of the run it continues are its own to replace.
+    planned = [job.output_path(f"{config.output_name}_{s}") for s in _save_steps(config) if s > start_step]
+    planned.append(final_path)
+    own_keys = {key, resumed_key} - {None}
+    for path in planned:
+        _check_may_write(path, own_keys, config)
+    check_writable_folder(config.output_dir)
+    for path in planned:
+        remove_stale_temp_files(path, sidecars=(STATE_SUFFIX, ".optim"))
 
     loop = _Loop(parts, job, dataset, config, regularization, callbacks, key)
     devices = [parts.device.index or 0] if parts.device.type == "cuda" else []
@@ -162,15 +166,25 @@ def _cache_hit(job, final_path, key, config) -> Optional[TrainResult]:
                        from_cache=True, kohya_state_dict=job.file_state_dict())
 
 
-def _check_may_write(path, key, config):
+def _check_may_write(path, own_keys, config):
     if not os.path.exists(path) or config.overwrite:
         return
     state = _read_state(path)
-    if state is not None and state.get("training_key") == key:
-        return  # an earlier save of this same run (force_retrain or a resumed run): safe to replace
+    if state is not None and state.get("training_key") in own_keys:
+        return  # a save of this run, or of the run it continues: safe to replace
+    hint = ""
+    if state is not None and _same_but_steps(state.get("config"), config.learning_key()):
+        hint = (f" It is this training at step {state.get('step')}: to train it further, set "
+                f"{name_of('resume_from')} to it.")
     raise TrainerInputError(
         f"{path} already exists from a different training run. Change {name_of('output_name')}, or turn on "
-        f"{name_of('overwrite')} to replace it.")
+        f"{name_of('overwrite')} to replace it.{hint}")
+
+
+def _same_but_steps(saved: Optional[dict], ours: dict) -> bool:
+    if not isinstance(saved, dict):
+        return False
+    return {k: v for k, v in saved.items() if k != "steps"} == {k: v for k, v in ours.items() if k != "steps"}
 
 
 def _resume(job, path, optimizer_name):
@@ -186,13 +200,14 @@ def _resume(job, path, optimizer_name):
         optimizer_state = job.read_foreign_optimizer_state(path)
         log.warning("resume_from: %s has no %s file; continuing from step %d with %s optimizer state",
                     path, STATE_SUFFIX, step, "its" if optimizer_state else "a fresh")
-        return step, [], optimizer_state
+        return step, [], optimizer_state, None
     optimizer_state = state.get("optimizer")
     if state.get("optimizer_name", optimizer_name) != optimizer_name:
         log.warning("resume_from: %s was trained with %s; starting a fresh %s optimizer state",
                     path, state.get("optimizer_name"), optimizer_name)
         optimizer_state = None
-    return int(state["step"]), [tuple(x) for x in state.get("losses", [])], optimizer_state
+    losses = [tuple(x) for x in state.get("losses", [])]
+    return int(state["step"]), losses, optimizer_state, state.get("training_key")
 
 
 def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
