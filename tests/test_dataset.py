@@ -488,6 +488,17 @@ def test_regularization_folder_images_all_use_the_class_prompt(tmp_path):
     assert any("use_caption_files" in warning for warning in reg.dataset.warnings)
 
 
+def test_regularization_resolution_0_follows_the_dataset_and_a_size_given_stays(tmp_path):
+    save_image(tmp_path, "a.png", size=(256, 256))
+    dataset = ImageDataset.from_folder(DatasetConfig(folder=str(tmp_path), instance_token="skkmtn", resolution=128))
+    following = regularization_set(folder=str(tmp_path), class_prompt="a girl", blank_count=1, resolution=0)
+    resized = following.for_dataset(dataset)
+    assert resized.dataset.config.resolution == 128 and resized.prior_loss_weight == following.prior_loss_weight
+    assert [resized.dataset.pixels(i, flip=False).shape for i in range(2)] == [(3, 128, 128)] * 2
+    fixed = regularization_set(folder=str(tmp_path), class_prompt="a girl", blank_count=1, resolution=64)
+    assert fixed.for_dataset(dataset) is fixed
+
+
 def test_regularization_caption_files_are_used_as_written_when_asked(tmp_path):
     save_image(tmp_path, "a.png", size=(64, 64), caption="a photo of a red car, parked")
     save_image(tmp_path, "b.png", size=(64, 64))

@@ -142,6 +142,20 @@ def test_regularization_images_add_a_prior_loss(parts, dataset, tmp_path):
     assert with_reg.losses[0][1] > plain.losses[0][1], "the prior loss is added to the instance loss"
 
 
+def test_regularization_pictures_follow_the_dataset_resolution_by_default(parts, dataset, tmp_path, monkeypatch):
+    sizes, encode = [], parts.encode_images
+
+    def recording(pixels, generator=None):
+        sizes.append(tuple(pixels.shape[-2:]))
+        return encode(pixels, generator)
+
+    monkeypatch.setattr(parts, "encode_images", recording)
+    reg = regularization_set(class_prompt="orange creature", blank_count=2)  # resolution not given
+    train_lora(parts, dataset, LoRAConfig(), config(tmp_path, steps=2), regularization=reg)
+    resolution = dataset.config.resolution
+    assert sizes and set(sizes) == {(resolution, resolution)}, "the class pictures at the dataset's size"
+
+
 def test_gradient_accumulation_and_checkpointing_train(parts, dataset, tmp_path):
     plain = train_lora(parts, dataset, LoRAConfig(), config(tmp_path, output_name="plain", steps=2))
     checkpointed = train_lora(parts, dataset, LoRAConfig(),

@@ -39,6 +39,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MIN_BUCKET_AREA = 0.8
 # Subfolders named like kohya's "10_skkmtn" give their images 10 repeats.
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+# A regularization set's resolution that means "the training dataset's".
+FOLLOW_DATASET_RESOLUTION = 0
 # Bumped when the way pixels or captions are made changes, so cached trainings are redone.
 FINGERPRINT_VERSION = "dataset-1"
 MAX_LISTED = 20
@@ -165,6 +167,13 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.items)
 
+    def at_resolution(self, resolution: int) -> "ImageDataset":
+        """The same pictures and captions, sized for `resolution`."""
+        config = dataclasses.replace(self.config, resolution=resolution)
+        config.validate()
+        items = [dataclasses.replace(item, bucket=_bucket_for(item.size, config)) for item in self.items]
+        return ImageDataset(config, items)
+
     def bucket(self, index: int) -> tuple:
         return self.items[index].bucket
 
@@ -276,21 +285,34 @@ class ImageDataset:
 
 @dataclass
 class RegularizationSet:
-    """Class images trained alongside the subject, their loss weighted by prior_loss_weight."""
+    """Class images trained alongside the subject, their loss weighted by prior_loss_weight.
+
+    With `follows_dataset_resolution` they are trained at the training dataset's resolution
+    (`for_dataset`), whatever size they were sized for when the set was made.
+    """
     dataset: ImageDataset
     prior_loss_weight: float = 1.0
+    follows_dataset_resolution: bool = False
 
     def __post_init__(self):
         _check_prior_loss_weight(self.prior_loss_weight)
 
+    def for_dataset(self, dataset: ImageDataset) -> "RegularizationSet":
+        resolution = dataset.config.resolution
+        if not self.follows_dataset_resolution or self.dataset.config.resolution == resolution:
+            return self
+        return dataclasses.replace(self, dataset=self.dataset.at_resolution(resolution))
 
-def regularization_set(folder=None, images=None, class_prompt="", prior_loss_weight=1.0, resolution=512,
+
+def regularization_set(folder=None, images=None, class_prompt="", prior_loss_weight=1.0,
+                       resolution=FOLLOW_DATASET_RESOLUTION,
                        blank_count=0, bucketing=True, center_crop=False, flip=False,
                        repeats=1, use_caption_files=False) -> RegularizationSet:
     """Class images from a folder, from PIL images and/or `blank_count` blank ("transparent")
     images, captioned with `class_prompt`. With `use_caption_files`, a folder image with a
     caption file is captioned with that file exactly as written instead (as prior preservation
     with captioned class images trains: the caption says what the picture shows).
+    `resolution` FOLLOW_DATASET_RESOLUTION (0): trained at the training dataset's resolution.
     """
     if not isinstance(class_prompt, str) or not class_prompt.strip():
         raise TrainerInputError(
@@ -299,6 +321,9 @@ def regularization_set(folder=None, images=None, class_prompt="", prior_loss_wei
     _check_whole(blank_count, "blank_count", minimum=0, hint="how many blank images to generate")
     if not isinstance(use_caption_files, bool):
         raise TrainerInputError(f"{name_of('use_caption_files')} must be true or false, got {use_caption_files!r}.")
+    follows = resolution == FOLLOW_DATASET_RESOLUTION
+    if follows:
+        resolution = DatasetConfig.resolution  # sized again for the dataset when training starts
     config = DatasetConfig(folder=folder or "", instance_token=class_prompt.strip(), resolution=resolution,
                            bucketing=bucketing, center_crop=center_crop, flip=flip, repeats=repeats,
                            captions_as_written=True)
@@ -316,7 +341,7 @@ def regularization_set(folder=None, images=None, class_prompt="", prior_loss_wei
     in_memory = list(images or []) + blank_images(blank_count, resolution)
     if in_memory:
         items += _memory_items(in_memory, None, config)
-    return RegularizationSet(ImageDataset(config, items, notes), prior_loss_weight)
+    return RegularizationSet(ImageDataset(config, items, notes), prior_loss_weight, follows)
 
 
 def blank_images(count: int, resolution: int) -> list:

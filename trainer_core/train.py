@@ -96,6 +96,8 @@ def training_key(job, dataset, config: TrainConfig, regularization, parts: Model
 
 def _run(parts, job, dataset, config: TrainConfig, regularization, callbacks: Callbacks) -> TrainResult:
     config.validate()
+    if regularization is not None:
+        regularization = regularization.for_dataset(dataset)
     images = dataset.summary()["num_train_images"]
     if config.batch_size > images:
         raise TrainerInputError(
