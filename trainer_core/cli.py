@@ -1,4 +1,5 @@
-"""`python -m trainer_core train`: the same trainer as the ComfyUI nodes, from a terminal.
+"""`python -m trainer_core train`: the same trainer as the ComfyUI nodes, from a terminal
+(and `python -m trainer_core merge`: MergeLoRAToCkpt's merge, on files).
 
 With no --model it trains the tiny built-in model on the sample dataset shipped with the pack,
 so the whole path (dataset -> train -> save -> before/after samples) runs on a CPU in about a
@@ -13,7 +14,11 @@ import os
 import sys
 from dataclasses import fields
 
+from safetensors.torch import load_file
+
 from .config import TrainConfig
+from .formats import file_short_hash, load_lora, safe_output_path
+from .merge import SAVE_PRECISIONS, checkpoint_lora_keys, lora_hash, merge_into_checkpoint, merge_metadata
 from .errors import TrainerInputError, TrainingCancelled, TrainingStopped, name_of, names_as
 
 SAMPLE_DATASET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_dataset")
@@ -121,7 +126,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="train again even though a file trained with exactly these settings exists (without it that "
              "file is reused and nothing is trained); replaces only that run's own files")
     add("--device", default="", help="cpu, cuda, cuda:1 ...; default: cuda if present")
+
+    merge = sub.add_parser("merge", help="bake a LoRA into an SD1.x checkpoint", formatter_class=_HelpFormatter,
+                           description="Bake a kohya LoRA into a single-file SD1.x checkpoint and save it as "
+                                       "a new checkpoint, as the MergeLoRAToCkpt node does.")
+    merge.add_argument("--model", required=True, help="the SD1.x base checkpoint (.safetensors)")
+    merge.add_argument("--lora", required=True, help="the kohya LoRA (.safetensors) to bake in")
+    merge.add_argument("--output", required=True, help="the merged checkpoint to write (.safetensors is added)")
+    merge.add_argument("--strength-model", type=float, default=1.0,
+                       help="how strongly the LoRA changes the UNet: 1 as trained, 0 not at all")
+    merge.add_argument("--strength-clip", type=float, default=1.0,
+                       help="how strongly the LoRA changes the text encoder, if it trained one")
+    merge.add_argument("--precision", choices=tuple(SAVE_PRECISIONS), default="fp16",
+                       help="number format of the saved file: fp16 is the usual 2 GB SD1.x file, fp32 exact")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace an existing file that is not this same merge; without it such a clash "
+                            "stops with a message (the same merge again is kept, not rewritten)")
     return parser
+
+
+# The node's field each merge flag stands for, so the shared messages name the flag.
+MERGE_FLAGS = {"output_name": "--output", "overwrite": "--overwrite", "strength_model": "--strength-model",
+               "strength_clip": "--strength-clip"}
+
+
+def run_merge(args) -> int:
+    """The MergeLoRAToCkpt node's merge, on files."""
+    model = os.path.abspath(args.model)
+    if not (os.path.isfile(model) and model.lower().endswith(".safetensors")):
+        raise TrainerInputError(f"--model {args.model} is not a .safetensors checkpoint file: give the SD1.x "
+                                f"checkpoint to merge into.")
+    lora_state_dict, _ = load_lora(args.lora)
+    base = load_file(model)
+    keys = checkpoint_lora_keys(base)
+    if not any(name.startswith("lora_unet_") for name in keys):
+        raise TrainerInputError(f"--model {args.model} has no SD1.x UNet attention layers: give a single-file "
+                                f"SD1.x checkpoint.")
+    output = safe_output_path(os.path.dirname(os.path.abspath(args.output)), os.path.basename(args.output),
+                              ".safetensors", overwrite=True)
+    metadata = merge_metadata(os.path.splitext(os.path.basename(output))[0], os.path.basename(model),
+                              file_short_hash(model), os.path.basename(args.lora), lora_hash(lora_state_dict),
+                              args.strength_model, args.strength_clip, args.precision)
+    merge_into_checkpoint(base, lora_state_dict, keys, args.strength_model, args.strength_clip, args.precision,
+                          output, metadata, args.overwrite)
+    return 0
 
 
 def _sections(args) -> dict:
@@ -322,6 +370,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "merge":
+            with names_as(MERGE_FLAGS):
+                return run_merge(args)
         with names_as(CLI_FLAGS):
             if args.command == "train":
                 return run_train(args)
