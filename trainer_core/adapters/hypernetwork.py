@@ -250,6 +250,15 @@ class Hypernetwork(nn.Module):
         """[k-network, v-network] for a context width."""
         return self.nets[str(width)]
 
+    def transform(self, context: torch.Tensor, part: int, strength: float) -> torch.Tensor:
+        """The context a to_k (part 0) or to_v (part 1) layer sees instead of `context`; unchanged
+        for a width the hypernetwork lacks (as A1111 and ComfyUI leave it). Computed in fp32 like
+        the weights: fp16 contexts would lose the small corrections being learned."""
+        key = str(context.shape[-1])
+        if key not in self.nets:
+            return context
+        return self.nets[key][part](context.float(), strength).to(context.dtype)
+
     @contextmanager
     def attached(self, unet: nn.Module):
         """Transform the k/v contexts of `unet` for the duration of the block; hooks removed on exit."""
@@ -264,8 +273,8 @@ class Hypernetwork(nn.Module):
             for name, target in targets.items():
                 if str(target.in_features) not in self.nets:
                     continue  # A1111 and ComfyUI also leave widths the file lacks alone
-                net = self.pair(target.in_features)[0 if name.endswith("to_k") else 1]
-                handles.append(target.register_forward_pre_hook(self._hook(net), with_kwargs=True))
+                part = 0 if name.endswith("to_k") else 1
+                handles.append(target.register_forward_pre_hook(self._hook(part), with_kwargs=True))
             if targets and not handles:
                 log.warning("hypernetwork widths %s match none of the model's attention layers", self.widths)
             yield self
@@ -274,13 +283,12 @@ class Hypernetwork(nn.Module):
                 handle.remove()
             self._attached = False
 
-    def _hook(self, net: HypernetworkModule):
+    def _hook(self, part: int):
         def transform_context(module, args, kwargs):
             if not self.training and self.strength == 0:
                 return None
             context = args[0] if args else kwargs["input"]
-            # fp32 like the weights: fp16 contexts would lose the small corrections being learned.
-            new = net(context.float(), self.strength).to(context.dtype)
+            new = self.transform(context, part, self.strength)
             if args:
                 return (new, *args[1:]), kwargs
             return args, {**kwargs, "input": new}
