@@ -13,6 +13,7 @@ from trainer_core.config import TrainConfig
 from trainer_core.dataset import regularization_set
 from trainer_core.errors import TrainerInputError, TrainingCancelled, TrainingStopped
 from trainer_core.formats import load_lora
+from trainer_core.jobs import HypernetworkJob, LoRAJob, TrainingJob
 from trainer_core.train import Callbacks, train_hypernetwork, train_lora
 
 
@@ -208,3 +209,11 @@ def test_hypernetwork_training_warns_about_a_lora_sized_learning_rate(parts, dat
         train_hypernetwork(parts, dataset, HypernetworkConfig(),
                            config(tmp_path, output_name="high", steps=1, learning_rate=1e-3))
     assert "learning_rate 0.001 is high" in caplog.text
+
+
+@pytest.mark.parametrize("job_class, adapter_config", [(LoRAJob, LoRAConfig()), (HypernetworkJob, HypernetworkConfig())])
+def test_each_job_follows_the_training_job_contract(parts, dataset, tmp_path, job_class, adapter_config):
+    job = job_class(parts, adapter_config, config(tmp_path), dataset)
+    assert isinstance(job, TrainingJob)
+    assert job.output_path("x") == os.path.join(str(tmp_path), "x" + job.suffix)
+    assert isinstance(job.describe(), dict) and job.param_groups()

@@ -1,11 +1,53 @@
-"""What differs between training a LoRA and a hypernetwork: the module, its hooks and its file."""
+"""What differs between training one kind of adapter and another: the module, its hooks and its
+file. The loop in train.py sees only the `TrainingJob` contract below."""
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager
 from dataclasses import asdict
+from typing import Optional, Protocol, runtime_checkable
+
+from torch import nn
 
 from .errors import TrainerInputError, name_of
 from .formats import safe_output_path
+
+
+@runtime_checkable
+class TrainingJob(Protocol):
+    """What the training loop needs of an adapter. A job is built from (parts, adapter config,
+    train config, dataset) and owns the trainable module."""
+
+    kind: str                 # the adapter's name in messages: "LoRA", "hypernetwork"
+    suffix: str               # its file's extension, ".safetensors" / ".pt"
+    other_kind_hint: str      # said when resume_from is a file of another kind
+    module: nn.Module         # what is trained: its train()/eval() mode is set by the loop
+    trains_text_encoder: bool  # whether the text encoder's output changes (no caching of contexts)
+
+    def describe(self) -> dict:
+        """Everything about the adapter that changes what is learned (part of the cache key)."""
+
+    def output_path(self, name: str) -> str:
+        """The file `name` in the output folder, with this job's suffix."""
+
+    def attached(self) -> AbstractContextManager:
+        """Attach the adapter to the frozen parts for the block; detached on exit, the parts as before."""
+
+    def param_groups(self) -> list:
+        """Optimizer parameter groups, each with its learning rate."""
+
+    def save(self, path: str, step: int, key: str, optimizer_name: str, optimizer_state: dict) -> list:
+        """Write the adapter file at `path` (and any sidecar of its format); the paths written."""
+
+    def load_weights(self, path: str) -> int:
+        """Load a file this job saved (or a compatible one) into the module; the step it was at.
+        Raises TrainerInputError naming the option that does not match the file."""
+
+    def read_foreign_optimizer_state(self, path: str) -> Optional[dict]:
+        """An optimizer state kept beside a file made by another tool, or None."""
+
+    def file_state_dict(self) -> Optional[dict]:
+        """The state dict last saved or loaded, as in the file (the nodes hand it to ComfyUI), or None."""
 
 
 class LoRAJob:

@@ -21,7 +21,7 @@ import torch
 
 from .config import TrainConfig
 from .errors import TrainerInputError, TrainingCancelled, TrainingStopped, name_of
-from .jobs import HypernetworkJob, LoRAJob
+from .jobs import HypernetworkJob, LoRAJob, TrainingJob
 from .optim import resolved_optimizer_name
 from .formats import check_writable_folder, remove_stale_temp_files
 from .parts import ModelParts
@@ -79,7 +79,7 @@ def _seeded(seed):
         yield
 
 
-def training_key(job, dataset, config: TrainConfig, regularization, parts: ModelParts) -> str:
+def training_key(job: TrainingJob, dataset, config: TrainConfig, regularization, parts: ModelParts) -> str:
     """Everything that changes what is learned; equal keys mean the same trained file."""
     payload = {
         "adapter": job.describe(),
@@ -94,7 +94,8 @@ def training_key(job, dataset, config: TrainConfig, regularization, parts: Model
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _run(parts, job, dataset, config: TrainConfig, regularization, callbacks: Callbacks) -> TrainResult:
+def _run(parts, job: TrainingJob, dataset, config: TrainConfig, regularization,
+         callbacks: Callbacks) -> TrainResult:
     config.validate()
     if regularization is not None:
         regularization = regularization.for_dataset(dataset)
@@ -249,7 +250,8 @@ class _BatchStream:
 
 
 class _Loop:
-    def __init__(self, parts: ModelParts, job, dataset, config: TrainConfig, regularization, callbacks, key):
+    def __init__(self, parts: ModelParts, job: TrainingJob, dataset, config: TrainConfig, regularization,
+                 callbacks, key):
         self.parts, self.job, self.dataset, self.config = parts, job, dataset, config
         self.regularization, self.callbacks, self.key = regularization, callbacks, key
         self.device = parts.device
