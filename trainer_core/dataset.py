@@ -174,9 +174,6 @@ class ImageDataset:
         items = [dataclasses.replace(item, bucket=_bucket_for(item.size, config)) for item in self.items]
         return ImageDataset(config, items)
 
-    def bucket(self, index: int) -> tuple:
-        return self.items[index].bucket
-
     def pixels(self, index: int, flip: bool) -> torch.Tensor:
         """[3, H, W] float32 in [-1, 1] at the item's bucket size, mirrored when `flip`."""
         item = self.items[index]

@@ -65,32 +65,6 @@ def merge_lora(
     return merged
 
 
-def merge_lora_into_modules(
-    targets: dict,
-    lora_state_dict: dict,
-    strength_unet: float = 1.0,
-    strength_text_encoder: float = 1.0,
-) -> None:
-    """Merge in place into the `weight` of each target module (kohya name -> module).
-
-    For a model the caller owns (a clone): the change is permanent.
-    """
-    modules = kohya_modules(lora_state_dict)
-    unmapped = sorted(name for name in modules if name not in targets)
-    if unmapped:
-        raise TrainerInputError(
-            f"{len(unmapped)} LoRA layer(s) have no matching layer in this model "
-            f"(e.g. {', '.join(unmapped[:5])}). Use a LoRA trained on an SD1.x model."
-        )
-    with torch.no_grad():
-        for name, module in modules.items():
-            strength = _strength(name, strength_unet, strength_text_encoder)
-            if strength == 0:
-                continue
-            weight = targets[name].weight
-            weight.copy_(_merged_weight(name, weight, module, strength))
-
-
 def _strength(name, strength_unet, strength_text_encoder):
     if name.startswith(UNET_PREFIX):
         return strength_unet

@@ -46,7 +46,6 @@ class TrainResult:
     final_path: str
     saved_paths: list = field(default_factory=list)
     losses: list = field(default_factory=list)
-    steps_done: int = 0
     from_cache: bool = False
     kohya_state_dict: Optional[dict] = None
 
@@ -134,7 +133,7 @@ def _run(parts, job: TrainingJob, dataset, config: TrainConfig, regularization,
     with torch.random.fork_rng(devices=devices):
         saved = loop.run(start_step, losses, optimizer_state, final_path)
     return TrainResult(adapter=job.module, final_path=final_path, saved_paths=saved, losses=loop.losses,
-                       steps_done=config.steps, from_cache=False, kohya_state_dict=job.file_state_dict())
+                       from_cache=False, kohya_state_dict=job.file_state_dict())
 
 
 def _save_steps(config: TrainConfig) -> list:
@@ -161,11 +160,11 @@ def _cache_hit(job, final_path, key, config) -> Optional[TrainResult]:
     state = _read_state(final_path)
     if state is None or state.get("training_key") != key:
         return None
-    step = job.load_weights(final_path)
+    job.load_weights(final_path)
     log.info("already trained: %s was trained with the same settings, data and model; not training again "
              "(%s trains it anew)", final_path, name_of("force_retrain"))
     return TrainResult(adapter=job.module, final_path=final_path, saved_paths=[],
-                       losses=[tuple(x) for x in state.get("losses", [])], steps_done=step,
+                       losses=[tuple(x) for x in state.get("losses", [])],
                        from_cache=True, kohya_state_dict=job.file_state_dict())
 
 

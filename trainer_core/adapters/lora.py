@@ -12,7 +12,6 @@ unscale FP16 gradients" and lose small updates.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -100,9 +99,7 @@ class LoRAModule(nn.Module):
 class LoRANetwork(nn.Module):
     """One LoRAModule per target layer, keyed by kohya module name."""
 
-    def __init__(self, unet_targets: dict, text_encoder_targets: dict, config: LoRAConfig, *, module_ranks=None):
-        """`module_ranks` (kohya name -> rank) overrides config.rank per layer, for files
-        whose layers were resized to different ranks."""
+    def __init__(self, unet_targets: dict, text_encoder_targets: dict, config: LoRAConfig):
         super().__init__()
         config.validate()
         self.config = config
@@ -118,9 +115,9 @@ class LoRANetwork(nn.Module):
         if not self._targets:
             raise TrainerInputError(
                 "There are no layers to train: the model has no LoRA targets for the parts "
-                "chosen by train_unet / train_text_encoder."
+                f"chosen by {name_of('train_unet')} / {name_of('train_text_encoder')}."
             )
-        ranks = {name: (module_ranks or {}).get(name, config.rank) for name in self._targets}
+        ranks = {name: config.rank for name in self._targets}
         _check_rank_fits(self._targets, ranks)
         self.unet_loras = nn.ModuleDict()
         self.text_encoder_loras = nn.ModuleDict()
@@ -128,27 +125,6 @@ class LoRANetwork(nn.Module):
             group = self.unet_loras if name.startswith(UNET_PREFIX) else self.text_encoder_loras
             group[name] = LoRAModule(target, ranks[name], config.alpha, config.dropout)
         self._attached = False
-
-    @classmethod
-    def from_kohya_state_dict(
-        cls, state_dict, unet_targets: dict, text_encoder_targets: dict, dropout: float = 0.0
-    ) -> "LoRANetwork":
-        """A network shaped like the file (its ranks, alphas and parts) holding its weights."""
-        modules = _file_modules(state_dict)
-        names = set(modules)
-        train_unet = any(n.startswith(UNET_PREFIX) for n in names)
-        train_text_encoder = any(n.startswith(TEXT_ENCODER_PREFIX) for n in names)
-        expected = set(unet_targets) if train_unet else set()
-        if train_text_encoder:
-            expected |= set(text_encoder_targets)
-        _check_names(names, expected)
-        ranks = {name: m["down"].shape[0] for name, m in modules.items()}
-        rank = Counter(ranks.values()).most_common(1)[0][0]
-        alpha = Counter(_alpha_of(m) for m in modules.values()).most_common(1)[0][0]
-        config = LoRAConfig(rank, alpha, dropout, train_unet, train_text_encoder)
-        network = cls(unet_targets, text_encoder_targets, config, module_ranks=ranks)
-        network.load_kohya_state_dict(state_dict)
-        return network
 
     def loras(self) -> dict:
         return {**self.unet_loras, **self.text_encoder_loras}
@@ -284,9 +260,8 @@ def _examples(names, count=3):
 def _check_rank(name, down, rank):
     if down.shape[0] != rank:
         raise TrainerInputError(
-            f"{name}: the file has rank {down.shape[0]} but this network has rank {rank}. "
-            "Set rank to the file's rank, or build the network from the file "
-            "(LoRANetwork.from_kohya_state_dict)."
+            f"{name}: the file has rank {down.shape[0]} but this network has rank {rank}: set "
+            f"{name_of('rank')} to {down.shape[0]}, the file's rank."
         )
 
 
