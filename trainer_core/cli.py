@@ -17,7 +17,7 @@ from dataclasses import fields
 from safetensors.torch import load_file
 
 from .config import TrainConfig
-from .formats import file_short_hash, load_lora, safe_output_path
+from .formats import UNET_PREFIX, file_short_hash, load_lora, safe_output_path
 from .merge import SAVE_PRECISIONS, checkpoint_lora_keys, lora_hash, merge_into_checkpoint, merge_metadata
 from .errors import TrainerInputError, TrainingCancelled, TrainingStopped, name_of, names_as
 
@@ -159,7 +159,7 @@ def run_merge(args) -> int:
     lora_state_dict, _ = load_lora(args.lora)
     base = load_file(model)
     keys = checkpoint_lora_keys(base)
-    if not any(name.startswith("lora_unet_") for name in keys):
+    if not any(name.startswith(UNET_PREFIX) for name in keys):
         raise TrainerInputError(f"--model {args.model} has no SD1.x UNet attention layers: give a single-file "
                                 f"SD1.x checkpoint.")
     output = safe_output_path(os.path.dirname(os.path.abspath(args.output)), os.path.basename(args.output),

@@ -22,6 +22,9 @@ import torch
 from .errors import TrainerInputError, name_of
 
 
+# kohya's module-name prefixes for the UNet and the (SD1.x, single) text encoder.
+UNET_PREFIX = "lora_unet_"
+TEXT_ENCODER_PREFIX = "lora_te_"
 LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 TRAINING_STATE_FORMAT = "sd1-trainer-state"
@@ -247,6 +250,12 @@ def kohya_modules(state_dict) -> dict:
             f"(e.g. {', '.join(incomplete[:3])}). Re-save it from the tool that made it."
         )
     return modules
+
+
+def module_alpha(module) -> float:
+    """A kohya module's alpha; kohya and ComfyUI treat a missing one as alpha = rank (scale 1)."""
+    alpha = module["alpha"]
+    return float(alpha) if alpha is not None else float(module["down"].shape[0])
 
 
 def _split_kohya_key(key):

@@ -16,7 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import TrainerInputError, name_of
-from .formats import atomic_write, kohya_modules, lora_file_hashes
+from .formats import (TEXT_ENCODER_PREFIX, UNET_PREFIX, atomic_write, kohya_modules, lora_file_hashes,
+                      module_alpha)
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,6 @@ SAVE_PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}
 SAME_MERGE_KEYS = ("merge.base_model_hash", "merge.lora_hash", "merge.strength_model", "merge.strength_clip",
                    "merge.precision")
 
-UNET_PREFIX = "lora_unet_"
-TEXT_ENCODER_PREFIX = "lora_te_"
 
 
 def merge_lora(
@@ -71,8 +70,8 @@ def _strength(name, strength_unet, strength_text_encoder):
     if name.startswith(TEXT_ENCODER_PREFIX):
         return strength_text_encoder
     raise TrainerInputError(
-        f"LoRA layer {name} is neither a UNet (lora_unet_) nor a text-encoder (lora_te_) layer "
-        "of an SD1.x model."
+        f"LoRA layer {name} is neither a UNet ({UNET_PREFIX}) nor a text-encoder ({TEXT_ENCODER_PREFIX}) "
+        "layer of an SD1.x model."
     )
 
 
@@ -80,7 +79,7 @@ def _merged_weight(name, weight, module, strength):
     down = module["down"].to(weight.device, torch.float32)
     up = module["up"].to(weight.device, torch.float32)
     rank = down.shape[0]
-    alpha = float(module["alpha"]) if module["alpha"] is not None else float(rank)
+    alpha = module_alpha(module)
     up_2d, down_2d = up.flatten(1), down.flatten(1)
     is_linear_or_1x1 = weight.dim() == 2 or tuple(weight.shape[2:]) == (1, 1)
     if not is_linear_or_1x1 or up_2d.shape != (weight.shape[0], rank) or down_2d.shape != (rank, weight.shape[1]):
@@ -193,11 +192,11 @@ def checkpoint_lora_keys(state_dict) -> dict:
         if key.startswith(UNET_CHECKPOINT_PREFIX):
             path = _diffusers_unet_path(key[len(UNET_CHECKPOINT_PREFIX):], per_level)
             if path:
-                keys["lora_unet_" + path.replace(".", "_")] = key
+                keys[UNET_PREFIX + path.replace(".", "_")] = key
         elif key.startswith(TEXT_ENCODER_CHECKPOINT_PREFIX):
             rest = key[len(TEXT_ENCODER_CHECKPOINT_PREFIX):]
             if _TEXT_LAYER.match(rest):
-                keys["lora_te_" + rest[:-len(".weight")].replace(".", "_")] = key
+                keys[TEXT_ENCODER_PREFIX + rest[:-len(".weight")].replace(".", "_")] = key
     return keys
 
 

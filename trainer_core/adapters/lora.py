@@ -19,10 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import TrainerInputError, name_of
-from ..formats import describe_state_dict, kohya_modules
-
-UNET_PREFIX = "lora_unet_"
-TEXT_ENCODER_PREFIX = "lora_te_"
+from ..formats import TEXT_ENCODER_PREFIX, UNET_PREFIX, describe_state_dict, kohya_modules, module_alpha
 
 
 @dataclass
@@ -191,7 +188,7 @@ class LoRANetwork(nn.Module):
             with torch.no_grad():
                 lora.lora_down.weight.copy_(down)
                 lora.lora_up.weight.copy_(up)
-                lora.alpha.fill_(_alpha_of(modules[name]))
+                lora.alpha.fill_(module_alpha(modules[name]))
 
 
 def _check_prefixes(targets, prefix):
@@ -213,12 +210,6 @@ def _check_rank_fits(targets, ranks):
 def _device_of(module):
     tensor = next(module.parameters(), None)
     return tensor.device if tensor is not None else torch.device("cpu")
-
-
-def _alpha_of(file_module) -> float:
-    # kohya and ComfyUI treat a missing alpha as alpha = rank (scale 1).
-    alpha = file_module["alpha"]
-    return float(alpha) if alpha is not None else float(file_module["down"].shape[0])
 
 
 def _file_modules(state_dict):

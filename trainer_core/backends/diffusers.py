@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import TrainerInputError
-from ..formats import file_short_hash
+from ..formats import TEXT_ENCODER_PREFIX, UNET_PREFIX, file_short_hash
 from ..parts import ModelParts
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def kohya_unet_targets(unet: nn.Module) -> dict:
             for i in range(len(block.transformer_blocks)) for layer in TRANSFORMER_BLOCK_TARGETS]
         for name in names:
             full_name = f"{path}.{name}"
-            targets["lora_unet_" + full_name.replace(".", "_")] = _patchable(block.get_submodule(name), full_name)
+            targets[UNET_PREFIX + full_name.replace(".", "_")] = _patchable(block.get_submodule(name), full_name)
     return targets
 
 
@@ -82,7 +82,7 @@ def kohya_text_encoder_targets(text_encoder: nn.Module) -> dict:
     """kohya name -> Linear for the attention and MLP layers of every CLIP encoder layer."""
     layers = getattr(text_encoder, "text_model", text_encoder).encoder.layers
     return {
-        f"lora_te_text_model_encoder_layers_{i}_{suffix}": _patchable(
+        f"{TEXT_ENCODER_PREFIX}text_model_encoder_layers_{i}_{suffix}": _patchable(
             getattr(getattr(layer, part), leaf), f"encoder.layers.{i}.{part}.{leaf}")
         for i, layer in enumerate(layers)
         for suffix, (part, leaf) in TEXT_ENCODER_TARGETS.items()
