@@ -11,18 +11,16 @@ from ..trainer_core.adapters.hypernetwork import ACTIVATIONS, WEIGHT_INITIALIZAT
 from ..trainer_core.config import LATENT_SAMPLING, OPTIMIZERS
 from ..trainer_core.errors import TrainerInputError
 from ..trainer_core.prompt_templates import available_templates
-from .lora import MAX_SEED
 from .merge import file_fingerprint
 from .training_inputs import batch_inputs, memory_inputs, replace_inputs
 from .training_run import image_tensor, run_training, saved_name
-from .types import RegularizationSet, TrainingDataset
+from .types import MAX_SEED, NONE, RegularizationSet, TrainingDataset
 
 log = logging.getLogger(__name__)
 
 # The trained trainer_core Hypernetwork object (eval mode). No core node has this socket.
 Hypernetwork = io.Custom("HYPERNETWORK")
 
-NONE = "none"
 CAPTIONS_ONLY = "none (captions)"
 HYPERNETWORK_SUFFIX = ".pt"
 

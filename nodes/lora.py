@@ -6,10 +6,8 @@ from comfy_api.latest import io, ui
 from ..trainer_core.config import LR_SCHEDULERS, OPTIMIZERS
 from .training_inputs import batch_inputs, memory_inputs, replace_inputs
 from .training_run import image_tensor, run_training, saved_name
-from .types import RegularizationSet, TrainingDataset
+from .types import MAX_SEED, NONE, RegularizationSet, TrainingDataset
 
-NO_RESUME = "none"
-MAX_SEED = 2 ** 32 - 1
 
 
 def lora_folder() -> str:
@@ -24,7 +22,7 @@ def resumable_loras() -> list:
 
 
 def resume_path(choice: str) -> str:
-    if choice == NO_RESUME:
+    if choice == NONE:
         return ""
     import folder_paths
     return folder_paths.get_full_path_or_raise("loras", choice)
@@ -107,7 +105,7 @@ class LoRATrain(io.ComfyNode):
                     tooltip="Show a sample picture of '<instance_token> <class_token>' beside the loss "
                             "chart every this many steps (costs time). 0 = loss chart only."),
                 io.Combo.Input(
-                    "resume_from", options=[NO_RESUME] + resumable_loras(), default=NO_RESUME,
+                    "resume_from", options=[NONE] + resumable_loras(), default=NONE,
                     tooltip="Continue training from a LoRA saved earlier by this node (e.g. an "
                             "intermediate save), up to 'steps' in total. none = start fresh."),
                 *replace_inputs(),

@@ -8,9 +8,9 @@ from comfy_api.latest import io
 from ..trainer_core.errors import TrainerInputError
 from ..trainer_core.merge import SAVE_PRECISIONS
 from .training_run import saved_name
+from .types import NONE
 
 
-NONE = "none"
 CHECKPOINT_SUFFIX = ".safetensors"
 FROM_WORKFLOW = "LORA_MODEL from the workflow"
 
