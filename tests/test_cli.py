@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from trainer_core import sampling
+from trainer_core import cli
 from trainer_core.adapters.hypernetwork import load_hypernetwork
 from trainer_core.backends import diffusers as backend
 from trainer_core.cli import main
@@ -77,7 +77,7 @@ def test_second_identical_run_is_a_cache_hit_said_once_with_no_save_bar_or_sampl
     caplog.clear()
     caplog.set_level(logging.INFO, logger="trainer_core")
     sampled = []
-    monkeypatch.setattr(sampling, "sample_images", lambda *args, **kwargs: sampled.append(args))
+    monkeypatch.setattr(cli, "sample_images", lambda *args, **kwargs: sampled.append(args))
     assert train(tmp_path, "--steps", "5") == 0
     out, err = capsys.readouterr()
     logged = [r.getMessage() for r in caplog.records]

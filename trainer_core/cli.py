@@ -14,12 +14,24 @@ import os
 import sys
 from dataclasses import fields
 
+import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .adapters.hypernetwork import Hypernetwork, HypernetworkConfig
+from .adapters.lora import LoRAConfig
+# The module, not its functions: diffusers itself is imported only when a model is built.
+from .backends import diffusers as backend
 from .config import TrainConfig
-from .formats import UNET_PREFIX, file_short_hash, load_lora, safe_output_path
-from .merge import SAVE_PRECISIONS, checkpoint_lora_keys, lora_hash, merge_into_checkpoint, merge_metadata
+from .dataset import DatasetConfig, ImageDataset, check_folder, regularization_set
 from .errors import TrainerInputError, TrainingCancelled, TrainingStopped, name_of, names_as
+from .formats import UNET_PREFIX, atomic_write, file_short_hash, load_lora, safe_output_path
+from .merge import SAVE_PRECISIONS, checkpoint_lora_keys, lora_hash, merge_into_checkpoint, merge_metadata
+from .plots import labelled_grid, loss_chart
+from .sampling import sample_images
+from .train import Callbacks, train_hypernetwork, train_lora
 
 SAMPLE_DATASET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_dataset")
 TINY_DEFAULTS = {"resolution": 64, "steps": 500, "save_every_steps": 200}
@@ -59,10 +71,6 @@ def _default(cls, name):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .adapters.hypernetwork import HypernetworkConfig
-    from .adapters.lora import LoRAConfig
-    from .dataset import DatasetConfig
-
     parser = argparse.ArgumentParser(prog="python -m trainer_core", description=__doc__,
                                      formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,9 +207,6 @@ def _set(section: dict, key: str, value):
 
 
 def configs_from_args(args) -> dict:
-    from .adapters.hypernetwork import HypernetworkConfig
-    from .adapters.lora import LoRAConfig
-    from .dataset import DatasetConfig, check_folder
     s = _sections(args)
     tiny = not args.model
     if tiny:
@@ -263,8 +268,6 @@ def _build(cls, values: dict, section: str):
 
 def _device(name: str):
     """The device, joining the process group first under `accelerate launch` / torchrun."""
-    import torch
-    import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() and name != "cpu" else "gloo")
         if torch.cuda.is_available() and name != "cpu":
@@ -277,15 +280,6 @@ def _device(name: str):
 
 
 def run_train(args) -> int:
-    import torch
-    import torch.distributed as dist
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from .backends.diffusers import load_parts, tiny_parts
-    from .dataset import ImageDataset, regularization_set
-    from .train import Callbacks, train_hypernetwork, train_lora
-
     configs = configs_from_args(args)
     output_dir = configs["train"].output_dir
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
@@ -293,10 +287,10 @@ def run_train(args) -> int:
     device = _device(args.device)
     dtype = torch.float16 if device.type == "cuda" and configs["train"].precision in ("auto", "fp16") else torch.float32
     if args.model:
-        parts = load_parts(args.model, device=device, dtype=dtype)
+        parts = backend.load_parts(args.model, device=device, dtype=dtype)
     else:
         log.info("no --model given: using the tiny built-in model (a demo of the whole path, not a real model)")
-        parts = tiny_parts(device=device)
+        parts = backend.tiny_parts(device=device)
     dataset = ImageDataset.from_folder(configs["dataset"])
     reg_options = configs["regularization"]
     regularization = None
@@ -341,9 +335,6 @@ def report_paths(final_path: str) -> tuple:
 
 def write_report(parts, result, train_config, prompt: str, resolution: int):
     """A loss chart and a before/after grid (with and without the token) beside the final file."""
-    from .formats import atomic_write
-    from .plots import labelled_grid, loss_chart
-    from .sampling import sample_images
     chart_path, grid_path = report_paths(result.final_path)
     atomic_write(chart_path, lambda tmp: loss_chart(result.losses).save(tmp, format="PNG"), overwrite=True)
     print(f"loss chart {chart_path}")
@@ -362,7 +353,6 @@ def write_report(parts, result, train_config, prompt: str, resolution: int):
 
 
 def _attach_args(adapter, parts) -> tuple:
-    from .adapters.hypernetwork import Hypernetwork
     return (parts.unet,) if isinstance(adapter, Hypernetwork) else ()
 
 

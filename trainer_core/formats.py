@@ -17,7 +17,9 @@ import stat
 import time
 from contextlib import suppress
 
+import safetensors.torch
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .errors import TrainerInputError, name_of
 
@@ -271,19 +273,15 @@ def _split_kohya_key(key):
 
 def save_lora(path, state_dict, metadata, overwrite=False):
     """Write a kohya LoRA safetensors file with string metadata and kohya's sshs_* hashes."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     kohya_modules(tensors)  # refuse to write anything a LoRA loader would not read
     metadata = {str(k): str(v) for k, v in metadata.items()}
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = lora_file_hashes(tensors, metadata)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata), overwrite=overwrite)
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata), overwrite=overwrite)
 
 
 def load_lora(path) -> tuple[dict, dict]:
     """(state_dict, metadata) of a kohya LoRA safetensors file."""
-    from safetensors import SafetensorError, safe_open
-
     path = os.fspath(path)
     if path.lower().endswith(PICKLE_SUFFIXES):
         raise TrainerInputError(
@@ -316,10 +314,8 @@ def lora_file_hashes(tensors, metadata) -> tuple[str, str]:
     A1111 additional-networks extension computes from the file); the legacy hash is the
     old A1111 8-hex hash of the serialized bytes with only the `ss_*` metadata.
     """
-    from safetensors.torch import save
-
     ss_metadata = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    data = save(tensors, ss_metadata)
+    data = safetensors.torch.save(tensors, ss_metadata)
     header_size = int.from_bytes(data[:8], "little")
     model_hash = hashlib.sha256(data[8 + header_size:]).hexdigest()
     legacy_hash = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]

@@ -9,8 +9,11 @@ from typing import Optional, Protocol, runtime_checkable
 
 from torch import nn
 
+from .adapters.hypernetwork import (Hypernetwork, load_hypernetwork, load_optimizer_sidecar, parse_layer_structure,
+                                    save_hypernetwork, save_optimizer_sidecar)
+from .adapters.lora import LoRANetwork
 from .errors import TrainerInputError, name_of
-from .formats import safe_output_path
+from .formats import load_lora, lora_metadata, safe_output_path, save_lora
 
 
 @runtime_checkable
@@ -56,7 +59,6 @@ class LoRAJob:
     other_kind_hint = "a .pt file is a hypernetwork: train it with HypernetTrain / --adapter hypernetwork"
 
     def __init__(self, parts, lora_config, train_config, dataset):
-        from .adapters.lora import LoRANetwork
         self.parts, self.lora_config, self.train_config, self.dataset = parts, lora_config, train_config, dataset
         text_targets = parts.text_encoder_lora_targets if lora_config.train_text_encoder else {}
         if not parts.unet_lora_targets:
@@ -82,7 +84,6 @@ class LoRAJob:
                                         self.train_config.text_encoder_learning_rate)
 
     def save(self, path, step, key, optimizer_name, optimizer_state):
-        from .formats import lora_metadata, save_lora
         # fp32, so the file holds exactly the trained weights (and resumes bit-for-bit).
         state_dict = self.module.kohya_state_dict(dtype=None)
         lora, train, data = self.lora_config, self.train_config, self.dataset
@@ -104,7 +105,6 @@ class LoRAJob:
         return [path]
 
     def load_weights(self, path) -> int:
-        from .formats import load_lora
         state_dict, metadata = load_lora(path)
         self.module.load_kohya_state_dict(state_dict)
         alphas = {float(v) for k, v in state_dict.items() if k.endswith(".alpha")}
@@ -129,7 +129,6 @@ class HypernetworkJob:
     other_kind_hint = "a .safetensors file is a LoRA: continue it with LoRATrain / --adapter lora"
 
     def __init__(self, parts, hypernetwork_config, train_config, dataset):
-        from .adapters.hypernetwork import Hypernetwork
         self.parts, self.train_config, self.dataset = parts, train_config, dataset
         self.hypernetwork_config = hypernetwork_config
         self.module = Hypernetwork.for_unet(parts.unet, hypernetwork_config)
@@ -149,7 +148,6 @@ class HypernetworkJob:
         return self.module.param_groups(self.train_config.learning_rate)
 
     def save(self, path, step, key, optimizer_name, optimizer_state):
-        from .adapters.hypernetwork import save_hypernetwork, save_optimizer_sidecar
         name = os.path.splitext(os.path.basename(path))[0]
         save_hypernetwork(path, self.module, name=name, step=step,
                           sd_checkpoint=self.parts.base_model_hash[:10],
@@ -158,7 +156,6 @@ class HypernetworkJob:
         return [path, sidecar]
 
     def load_weights(self, path) -> int:
-        from .adapters.hypernetwork import load_hypernetwork
         loaded, step = load_hypernetwork(path)
         ours, theirs = self.hypernetwork_config, loaded.config
         for name in ("layer_structure", "activation", "layer_norm", "activate_output"):
@@ -177,7 +174,6 @@ class HypernetworkJob:
 
     def read_foreign_optimizer_state(self, path):
         """A hypernetwork started in A1111 keeps its optimizer state in `<file>.optim`."""
-        from .adapters.hypernetwork import load_optimizer_sidecar
         sidecar = load_optimizer_sidecar(path)
         return None if sidecar is None else sidecar.get("optimizer_state_dict")
 
@@ -187,6 +183,5 @@ class HypernetworkJob:
 
 def _comparable(name, value):
     if name == "layer_structure":
-        from .adapters.hypernetwork import parse_layer_structure
         return [float(x) for x in parse_layer_structure(value)]
     return value

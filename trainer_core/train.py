@@ -18,13 +18,19 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
+from .adapters.hypernetwork import learning_rate_warning
 from .config import TrainConfig
 from .errors import TrainerInputError, TrainingCancelled, TrainingStopped, name_of
+from .formats import (atomic_write, check_writable_folder, load_training_state, remove_stale_temp_files,
+                      save_training_state)
 from .jobs import HypernetworkJob, LoRAJob, TrainingJob
-from .optim import resolved_optimizer_name
-from .formats import check_writable_folder, remove_stale_temp_files
+from .optim import build_optimizer, lr_factor, resolved_optimizer_name
 from .parts import ModelParts
+from .plots import loss_chart, side_by_side
+from .sampling import sample_images
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +66,6 @@ def train_lora(parts: ModelParts, dataset, lora_config, train_config: TrainConfi
 
 def train_hypernetwork(parts: ModelParts, dataset, hypernetwork_config, train_config: TrainConfig,
                        regularization=None, callbacks: Optional[Callbacks] = None) -> TrainResult:
-    from .adapters.hypernetwork import learning_rate_warning
     hypernetwork_config.validate()
     warning = learning_rate_warning(train_config.learning_rate)
     if warning:
@@ -147,7 +152,6 @@ def _state_path(path: str) -> str:
 
 
 def _read_state(path: str) -> Optional[dict]:
-    from .formats import load_training_state
     state_path = _state_path(path)
     if not os.path.exists(state_path):
         return None
@@ -270,7 +274,6 @@ class _Loop:
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, start_step, losses, optimizer_state, final_path) -> list:
-        from .optim import build_optimizer, lr_factor
         self.losses = list(losses)
         job, config = self.job, self.config
         optimizer, self.optimizer_name = build_optimizer(job.param_groups(), config)
@@ -460,7 +463,6 @@ class _Loop:
 
     def _write_files(self, path, step, optimizer, written):
         """Writes the adapter file and its sidecars, listing each in `written` once it is on disk."""
-        from .formats import save_training_state
         written.extend(self.job.save(path, step, self.key, self.optimizer_name, optimizer.state_dict()))
         save_training_state(_state_path(path), {
             "training_key": self.key,
@@ -475,7 +477,6 @@ class _Loop:
             self._write_loss_csv(path)
 
     def _write_loss_csv(self, path):
-        from .formats import atomic_write
         csv_path = os.path.splitext(path)[0] + "_loss.csv"
 
         def write(tmp):
@@ -493,14 +494,12 @@ class _Loop:
         if not (force or sample_now or now - self._last_preview >= PREVIEW_INTERVAL_SECONDS):
             return
         self._last_preview = now
-        from .plots import loss_chart, side_by_side
         image = loss_chart(self.losses)
         if sample_now and self.parts.decode_latents is not None:
             image = side_by_side([image, self._sample_image()])
         self.callbacks.on_preview(step, image)
 
     def _sample_image(self):
-        from .sampling import sample_images
         prompt = self.config.sample_prompt or self.dataset.config.instance_prompt
         size = self.dataset.config.resolution
         was_training = self.job.module.training
@@ -514,14 +513,12 @@ class _Loop:
 
 def _world() -> tuple:
     """(rank, number of processes) under `accelerate launch` / torchrun, else (0, 1)."""
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def _average_across_processes(params, loss: float) -> float:
-    import torch.distributed as dist
     world = dist.get_world_size()
     for p in params:
         if p.grad is not None:
@@ -533,7 +530,6 @@ def _average_across_processes(params, loss: float) -> float:
 
 
 def _barrier():
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -545,7 +541,6 @@ def gradient_checkpointing(unet):
     Works on any UNet whose transformer blocks are named `...transformer_blocks.N` (diffusers and
     ComfyUI both are); adapter hooks inside the blocks run again during recomputation.
     """
-    from torch.utils.checkpoint import checkpoint
     blocks = [m for name, m in unet.named_modules() if name.rsplit(".", 2)[-2:-1] == ["transformer_blocks"]]
     originals = []
     for block in blocks:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from ..errors import TrainerInputError, name_of
@@ -478,7 +479,6 @@ def _load_pt(path):
     if not os.path.isfile(path):
         raise TrainerInputError(f"hypernetwork file {path} does not exist: check the name and folder.")
     if path.lower().endswith((".safetensors", ".sft")):
-        from safetensors import safe_open
         try:
             with safe_open(path, framework="pt") as f:
                 looks_like = _looks_like(f.keys())
