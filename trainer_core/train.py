@@ -316,8 +316,9 @@ class _Loop:
             optimizer.zero_grad(set_to_none=True)
             raise TrainingStopped(
                 f"out of memory at step {step} on {self.device} ({self._where()}). To use less memory: "
-                f"batch_size 1, a lower resolution, gradient_checkpointing on, precision auto/fp16, "
-                f"optimizer AdamW8bit, train_text_encoder off, a lower rank.",
+                f"{name_of('batch_size')} 1, a lower {name_of('resolution')}, {name_of('gradient_checkpointing')} "
+                f"on, {name_of('precision')} auto/fp16, {name_of('optimizer')} AdamW8bit, "
+                f"{name_of('train_text_encoder')} off, a lower {name_of('rank')}.",
                 last_save=self.last_save, step=step - 1) from error
 
     def _where(self) -> str:
@@ -364,8 +365,9 @@ class _Loop:
 
     def _stop_non_finite(self, step):
         raise TrainingStopped(
-            f"the loss became NaN/inf at step {step}; training stopped ({self._where()}). Lower the "
-            f"learning rate (now {self.config.learning_rate:g}), or use precision fp32/bf16 instead of fp16.",
+            f"the loss became NaN/inf at step {step}; training stopped ({self._where()}). Lower "
+            f"{name_of('learning_rate')} (now {self.config.learning_rate:g}), or use {name_of('precision')} "
+            f"fp32/bf16 instead of fp16.",
             last_save=self.last_save, step=step - 1)
 
     def _micro_batch_loss(self, dataset, indices, n, stream) -> torch.Tensor:
