@@ -13,7 +13,7 @@ import time
 import uuid
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WORKFLOW = os.path.join(REPO, "example_workflows", "Train a LoRA, then generate.json")
+WORKFLOW = os.path.join(REPO, "example_workflows", "lora_train_then_generate.json")
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
 PACK_NAME = "sd1_trainer"
 CHECKPOINT_NAME = "tiny_sd1.safetensors"

@@ -18,7 +18,7 @@ import pytest
 import browser_support as support
 
 WORKFLOWS = sorted(glob.glob(os.path.join(support.REPO, "example_workflows", "*.json")))
-LORA_WORKFLOW = os.path.join(support.REPO, "example_workflows", "Train a LoRA, then generate.json")
+LORA_WORKFLOW = os.path.join(support.REPO, "example_workflows", "lora_train_then_generate.json")
 RUN_SECONDS = 300
 TRAINING_NODES = ("LoRATrain", "HypernetTrain")
 # Small settings for a CPU, by widget name, whatever nodes the workflow holds. Enough training
@@ -120,8 +120,7 @@ def widget_problems(workflow: dict, rendered: dict, our_nodes: dict) -> list:
 
 # The cards of this pack in the template browser: the frontend makes one per .json the server
 # lists, titled with the file name (it reads no titles or descriptions for custom nodes).
-CARDS = ["Train a LoRA and merge it into a checkpoint", "Train a LoRA, then generate",
-         "Train a hypernetwork, then generate"]
+CARDS = ["hypernet_train_then_generate", "lora_train_merge", "lora_train_then_generate"]
 
 
 def test_template_browser_lists_the_example_workflows_and_opens_one(comfy):
@@ -136,7 +135,7 @@ def test_template_browser_lists_the_example_workflows_and_opens_one(comfy):
     page.screenshot("template_browser.png")
 
     page.evaluate("() => { window.__missingNodeTypes = null; }")
-    page.page.get_by_text("Train a LoRA, then generate", exact=True).first.click()
+    page.page.get_by_text("lora_train_then_generate", exact=True).first.click()
     page.page.wait_for_function("window.__missingNodeTypes !== null")
     assert page.evaluate("window.__missingNodeTypes") == []
     assert "LoRATrain" in page.evaluate("app.graph.nodes.map(n => n.type)")

@@ -15,7 +15,7 @@ import torch
 from comfy_harness import COMFYUI_PATH, REPO
 from workflow_to_prompt import api_prompt
 
-WORKFLOW = os.path.join(REPO, "example_workflows", "Train a hypernetwork, then generate.json")
+WORKFLOW = os.path.join(REPO, "example_workflows", "hypernet_train_then_generate.json")
 RESOLUTION = 64
 NAME = "skkmtn_hypernet"
 

@@ -13,7 +13,7 @@ from comfy_harness import PACK_NAME, REPO
 from test_hypernet_nodes import widget_defaults
 from workflow_to_prompt import api_prompt
 
-WORKFLOW = os.path.join(REPO, "example_workflows", "Train a LoRA and merge it into a checkpoint.json")
+WORKFLOW = os.path.join(REPO, "example_workflows", "lora_train_merge.json")
 RESOLUTION = 64
 LORA_FILE = "random_merge_test.safetensors"
 # Largest latent difference to base + LoraLoader, relative to the largest latent (the random tiny

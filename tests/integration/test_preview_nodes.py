@@ -19,7 +19,7 @@ SIZE = 64
 SAMPLING_STEPS = 2
 NAME = "preview_lora"
 CLIENT = "tests"
-HYPERNET_WORKFLOW = os.path.join(REPO, "example_workflows", "Train a hypernetwork, then generate.json")
+HYPERNET_WORKFLOW = os.path.join(REPO, "example_workflows", "hypernet_train_then_generate.json")
 
 
 def node_ids(prompt, class_type):
