@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .errors import TrainerInputError
+from .errors import TrainerInputError, name_of
 
 log = logging.getLogger(__name__)
 
@@ -111,24 +111,24 @@ class MemoryPlan:
         budget = USABLE_SHARE * self.free
         options = []
         if not self.checkpointing and self.fits(True):
-            options.append("gradient_checkpointing on")
+            options.append(f"{name_of('gradient_checkpointing')} on")
         if self.optimizer != "AdamW8bit" and self.device.type == "cuda":
             saved = self.adapter * (1 - OPTIMIZER_STATE_BYTES["AdamW8bit"] / (8 + OPTIMIZER_STATE_BYTES.get(
                 self.optimizer, 8)))
             if self.added() - saved <= budget:
-                options.append("optimizer AdamW8bit")
+                options.append(f"{name_of('optimizer')} AdamW8bit")
         on = True  # the smaller batch or resolution is named with checkpointing, the cheapest way
         for batch in range(self.batch_size - 1, 0, -1):
             if self.adapter + self.kernel_workspace + self.activations.scaled(
                     batch / self.batch_size).with_checkpointing(on) <= budget:
-                options.append(f"batch_size {batch} (with gradient_checkpointing on)")
+                options.append(f"{name_of('batch_size')} {batch} (with {name_of('gradient_checkpointing')} on)")
                 break
         below = (self.resolution - 1) // RESOLUTION_STEP * RESOLUTION_STEP
         for resolution in range(below, 0, -RESOLUTION_STEP):
             factor = (resolution / self.resolution) ** 2
             if self.adapter + self.kernel_workspace + self.activations.scaled(
                     factor).with_checkpointing(on) <= budget:
-                options.append(f"resolution {resolution} (with gradient_checkpointing on)")
+                options.append(f"{name_of('resolution')} {resolution} (with {name_of('gradient_checkpointing')} on)")
                 break
         return options
 
@@ -320,4 +320,4 @@ def check_setting(value) -> str:
         return "off"
     if value == "auto":
         return "auto"
-    raise TrainerInputError(f"gradient_checkpointing must be auto, on or off (got {value!r}).")
+    raise TrainerInputError(f"{name_of('gradient_checkpointing')} must be auto, on or off (got {value!r}).")
