@@ -199,7 +199,7 @@ def test_a_file_of_the_same_name_with_another_extension_or_folder_is_refused(par
     (tmp_path / "downloaded").mkdir()
     (tmp_path / "downloaded" / f"{NAME}-neg.pt").write_bytes(b"x")
     train(parts, dataset, tmp_path, mode="textual_inversion")  # the TI run writes no -neg file
-    with pytest.raises(TrainerInputError, match="would also find"):
+    with pytest.raises(TrainerInputError, match="would find it instead"):
         train(parts, dataset, tmp_path, mode="dreamartist", overwrite=True, force_retrain=True)
 
 

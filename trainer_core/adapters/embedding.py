@@ -161,6 +161,14 @@ def negative_name(name: str) -> str:
     return name + NEGATIVE_SUFFIX
 
 
+def written_paths(path: str, dreamartist: bool) -> list:
+    """The files a save at `path` writes: the embedding, and in DreamArtist mode <stem>-neg beside it."""
+    if not dreamartist:
+        return [path]
+    stem, extension = os.path.splitext(path)
+    return [path, negative_name(stem) + extension]
+
+
 def placeholder(name: str) -> str:
     """How a caption names the embedding: ComfyUI's `embedding:<name>`."""
     return IDENTIFIER + name
@@ -371,11 +379,10 @@ class EmbeddingJob:
         return f"{output_name}-{step}"
 
     def negative_path(self, path: str) -> str:
-        stem, extension = os.path.splitext(path)
-        return negative_name(stem) + extension
+        return written_paths(path, True)[1]
 
     def written_paths(self, path: str) -> list:
-        return [path, self.negative_path(path)] if self.dreamartist else [path]
+        return written_paths(path, self.dreamartist)
 
     def attached(self):
         return self.module.attached(self.parts)
@@ -450,8 +457,8 @@ class EmbeddingJob:
             clashes = clashing_files(name, folders, set(written))
             if clashes:
                 raise TrainerInputError(
-                    f"embedding:{name} would also find {clashes[0]}, another embedding of that name. Pick "
-                    f"another name, or delete or rename that file.")
+                    f"an embedding named {name!r} already exists ({clashes[0]}) and embedding:{name} would "
+                    f"find it instead of the new one. Pick another name, or delete or rename that file.")
         if overwrite:
             return
         for path in planned_paths:
