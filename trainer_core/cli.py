@@ -16,6 +16,10 @@ from dataclasses import fields
 from .config import TrainConfig
 from .errors import TrainerInputError, TrainingCancelled, TrainingStopped
 
+ADAPTERS = ("lora", "hypernetwork", "embedding", "dreamartist")
+# The config section each adapter reads its options from, and the default output name's suffix.
+ADAPTER_SECTIONS = {"lora": "lora", "hypernetwork": "hypernetwork", "embedding": "embedding", "dreamartist": "embedding"}
+OUTPUT_SUFFIXES = {"lora": "lora", "hypernetwork": "hypernet", "embedding": "emb", "dreamartist": "da"}
 SAMPLE_DATASET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_dataset")
 TINY_DEFAULTS = {"resolution": 64, "steps": 500, "save_every_steps": 200}
 
@@ -26,10 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer_core", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a LoRA or a hypernetwork")
+    train = sub.add_parser("train", help="train a LoRA, a hypernetwork or an embedding")
     train.add_argument("--config", help="JSON file with sections dataset/train/lora/hypernetwork/regularization")
     train.add_argument("--model", default="", help="diffusers folder or SD1.x checkpoint; default: tiny built-in model")
-    train.add_argument("--adapter", choices=("lora", "hypernetwork"), default="lora")
+    train.add_argument("--adapter", choices=ADAPTERS, default="lora",
+                       help="embedding: textual inversion; dreamartist: a positive + negative embedding pair")
     train.add_argument("--data", default="", help="folder of images and .txt captions (default: the sample dataset)")
     train.add_argument("--token", default="", help="instance token, e.g. skkmtn (default for the sample dataset)")
     train.add_argument("--class-token", default="", help="class word, e.g. girl")
@@ -55,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(the others use --class-prompt)")
     train.add_argument("--layer-structure", default="", help="hypernetwork layer structure, e.g. 1,2,2,1")
     train.add_argument("--activation", default="", help="hypernetwork activation, e.g. mish")
+    train.add_argument("--vectors", type=int, help="embedding vectors per word (embedding/dreamartist)")
+    train.add_argument("--init-text", default=None, help="word(s) the embedding vectors start from, e.g. '*'")
+    train.add_argument("--template", default="subject_filewords",
+                       help="A1111 prompt template for embeddings ([name] = the embedding), or a .txt path")
     train.add_argument("--output-dir", default="runs")
     train.add_argument("--name", default="", help="output name (default: <token>_lora / <token>_hypernet)")
     train.add_argument("--overwrite", action="store_true")
@@ -64,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sections(args) -> dict:
-    sections = {"dataset": {}, "train": {}, "lora": {}, "hypernetwork": {}, "regularization": {}}
+    sections = {"dataset": {}, "train": {}, "lora": {}, "hypernetwork": {}, "embedding": {}, "regularization": {}}
     if args.config:
         try:
             with open(args.config, encoding="utf-8") as f:
@@ -90,6 +99,7 @@ def _set(section: dict, key: str, value):
 
 
 def configs_from_args(args) -> dict:
+    from .adapters.embedding import EmbeddingConfig, default_learning_rate
     from .adapters.hypernetwork import HypernetworkConfig
     from .adapters.lora import LoRAConfig
     from .dataset import DatasetConfig
@@ -121,6 +131,12 @@ def configs_from_args(args) -> dict:
     _set(s["hypernetwork"], "activation", args.activation)
     if args.adapter == "hypernetwork":
         s["train"].setdefault("learning_rate", 1e-5 if not tiny else 1e-3)
+    if args.adapter in ("embedding", "dreamartist"):
+        s["embedding"]["mode"] = "dreamartist" if args.adapter == "dreamartist" else "textual_inversion"
+        _set(s["embedding"], "vectors", args.vectors)
+        if args.init_text is not None:
+            s["embedding"]["init_text"] = args.init_text
+        s["train"].setdefault("learning_rate", default_learning_rate(s["embedding"]["mode"]))
     _set(s["regularization"], "class_prompt", args.class_prompt)
     _set(s["regularization"], "folder", args.reg_data)
     _set(s["regularization"], "blank_count", args.reg_blank)
@@ -128,18 +144,22 @@ def configs_from_args(args) -> dict:
 
     dataset_config = _build(DatasetConfig, s["dataset"], "dataset")
     dataset_config.validate()
-    suffix = "lora" if args.adapter == "lora" else "hypernet"
+    suffix = OUTPUT_SUFFIXES[args.adapter]
     s["train"].setdefault("output_name", args.name or f"{dataset_config.instance_token}_{suffix}")
     configs = {
         "dataset": dataset_config,
         "train": TrainConfig.from_dict(s["train"]),
         "lora": _build(LoRAConfig, s["lora"], "lora"),
         "hypernetwork": _build(HypernetworkConfig, s["hypernetwork"], "hypernetwork"),
+        "embedding": _build(EmbeddingConfig, s["embedding"], "embedding"),
         "regularization": s["regularization"],
     }
     # Everything is checked before a (possibly multi-GB) model is loaded.
     configs["train"].validate()
-    configs[args.adapter].validate()
+    configs[ADAPTER_SECTIONS[args.adapter]].validate()
+    if args.adapter in ("embedding", "dreamartist"):
+        from .adapters.embedding import check_embedding_name
+        check_embedding_name(configs["train"].output_name)
     return configs
 
 
@@ -200,8 +220,20 @@ def run_train(args) -> int:
         bar.update(step - bar.n)
 
     callbacks = Callbacks(on_step=on_step)
+    prompt = configs["dataset"].instance_prompt
     try:
-        if args.adapter == "lora":
+        if args.adapter in ("embedding", "dreamartist"):
+            from .adapters.embedding import embedding_dataset, placeholder
+            from .prompt_templates import read_template
+            from .train import train_embedding
+            if regularization is not None:
+                log.warning("regularization images are not used for embeddings: their captions do not hold the "
+                            "new word, so they cannot change its vectors")
+            name = train_config.output_name
+            dataset = embedding_dataset(dataset, name, read_template(args.template))
+            prompt = " ".join(filter(None, [placeholder(name), configs["dataset"].class_token.strip()]))
+            result = train_embedding(parts, dataset, configs["embedding"], train_config, callbacks=callbacks)
+        elif args.adapter == "lora":
             result = train_lora(parts, dataset, configs["lora"], train_config, regularization, callbacks)
         else:
             result = train_hypernetwork(parts, dataset, configs["hypernetwork"], train_config,
@@ -214,7 +246,7 @@ def run_train(args) -> int:
         print(f"already trained with these settings: {result.final_path} (use --force-retrain to train again)")
     for path in result.saved_paths:
         print(f"saved {path}")
-    write_report(parts, result, train_config, configs["dataset"].instance_prompt, configs["dataset"].resolution)
+    write_report(parts, result, train_config, prompt, configs["dataset"].resolution)
     return 0
 
 
@@ -243,7 +275,10 @@ def write_report(parts, result, train_config, prompt: str, resolution: int):
 
 
 def _attach_args(adapter, parts) -> tuple:
+    from .adapters.embedding import EmbeddingVectors
     from .adapters.hypernetwork import Hypernetwork
+    if isinstance(adapter, EmbeddingVectors):
+        return (parts,)
     return (parts.unet,) if isinstance(adapter, Hypernetwork) else ()
 
 
