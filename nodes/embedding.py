@@ -90,7 +90,7 @@ class EmbeddingTrain(io.ComfyNode):
                             "inversion; DreamArtist's guide uses several thousand. Use save_every_steps to "
                             "pick the best save."),
                 io.Float.Input(
-                    "learning_rate", default=0.0, min=0.0, max=1.0, step=1e-4,
+                    "learning_rate", default=0.0, min=0.0, max=1.0, step=1e-5,
                     tooltip="How big each learning step is. 0 = the mode's default: 5e-3 for textual "
                             "inversion (A1111), 3e-3 for DreamArtist."),
                 io.Float.Input(

@@ -104,11 +104,9 @@ def test_dreamartist_writes_positive_and_negative_with_intermediate_saves(parts,
 def test_only_the_embedding_vectors_change(parts, dataset, tmp_path):
     before = [state(m) for m in (parts.unet, parts.text_encoder)]
     token_table = parts.text_encoder.get_input_embeddings().weight.clone()
-    initial = {}
+    trained = {}
     for mode in ("textual_inversion", "dreamartist"):
-        with torch.random.fork_rng(devices=[]):
-            result = train(parts, dataset, tmp_path / mode, mode=mode)
-        initial[mode] = result.adapter
+        trained[mode] = train(parts, dataset, tmp_path / mode, mode=mode).adapter
     after = [state(m) for m in (parts.unet, parts.text_encoder)]
     for old, new in zip(before, after):
         assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
@@ -116,7 +114,7 @@ def test_only_the_embedding_vectors_change(parts, dataset, tmp_path):
     assert all(not p.requires_grad for m in (parts.unet, parts.text_encoder) for p in m.parameters())
     # ...and they did change: the init word "*" is where they started.
     start = parts.token_embeddings(parts.tokenize("*"))[0]
-    assert not torch.allclose(initial["textual_inversion"].positive.detach()[0], start)
+    assert not torch.allclose(trained["textual_inversion"].positive.detach()[0], start)
 
 
 @pytest.mark.parametrize("mode", ["textual_inversion", "dreamartist"])
@@ -201,6 +199,13 @@ def test_a_file_of_the_same_name_with_another_extension_or_folder_is_refused(par
     train(parts, dataset, tmp_path, mode="textual_inversion")  # the TI run writes no -neg file
     with pytest.raises(TrainerInputError, match="would find it instead"):
         train(parts, dataset, tmp_path, mode="dreamartist", overwrite=True, force_retrain=True)
+
+
+def test_dreamartist_resume_from_the_negative_file_points_to_the_positive_one(parts, dataset, tmp_path):
+    train(parts, dataset, tmp_path, mode="dreamartist")
+    with pytest.raises(TrainerInputError, match="Pick the positive file, skk_emb.safetensors"):
+        train(parts, dataset, tmp_path, mode="dreamartist", steps=6, output_name="skk_emb2",
+              resume_from=str(tmp_path / f"{NAME}-neg.safetensors"))
 
 
 def test_resume_with_other_vector_counts_names_the_field(parts, dataset, tmp_path):

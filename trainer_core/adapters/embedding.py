@@ -423,12 +423,17 @@ class EmbeddingJob:
         return written
 
     def load_weights(self, path) -> int:
+        paths = self.written_paths(path)
+        missing = [p for p in paths if not os.path.exists(p)]
+        if missing:
+            stem = os.path.splitext(os.path.basename(path))[0]
+            hint = (f" Pick the positive file, {stem[:-len(NEGATIVE_SUFFIX)]}{self.suffix}, to continue the pair."
+                    if stem.endswith(NEGATIVE_SUFFIX) else "")
+            raise TrainerInputError(
+                f"{os.path.basename(missing[0])} is missing: a DreamArtist run continues from the pair "
+                f"{os.path.basename(path)} and {os.path.basename(self.negative_path(path))}.{hint}")
         step = None
-        for file_path, (name, parameter) in zip(self.written_paths(path), self.module.by_name().items()):
-            if not os.path.exists(file_path):
-                raise TrainerInputError(
-                    f"{os.path.basename(file_path)} is missing: a DreamArtist run continues from the pair "
-                    f"{os.path.basename(path)} and {os.path.basename(self.negative_path(path))}.")
+        for file_path, (name, parameter) in zip(paths, self.module.by_name().items()):
             vectors, file_step, _ = load_embedding(file_path)
             if tuple(vectors.shape) != tuple(parameter.shape):
                 field = "vectors" if name == self.name else "negative_vectors"
