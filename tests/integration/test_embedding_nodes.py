@@ -172,6 +172,29 @@ def test_training_computes_the_conditioning_the_saved_file_gives(comfyui, traine
         assert torch.equal(context, encode(clip, escaped)[0].cpu()), caption
 
 
+def test_both_file_formats_load_through_comfyuis_embedding_loader(comfyui, trained):
+    """The A1111 .pt and the safetensors file give ComfyUI's loader exactly the trained vectors."""
+    import comfy.sd1_clip
+    example = trained["example"]
+    prompt = json.loads(json.dumps(example.prompt))
+    prompt[example.ti]["inputs"].update(name="skkmtn_pt", file_format="a1111_pt", save_every_steps=0)
+    run = comfyui.run(prompt)
+    succeeded(run)
+    assert run.output(example.ti, 4) == "skkmtn_pt.pt"
+    folder = comfyui.folders["embeddings"]
+    payload = torch.load(os.path.join(folder, "skkmtn_pt.pt"), weights_only=True)
+    with Warnings() as warnings:
+        from_pt = comfy.sd1_clip.load_embed("skkmtn_pt", [folder], 768, "clip_l")
+        from_safetensors = comfy.sd1_clip.load_embed(TI, [folder], 768, "clip_l")
+    assert warnings.messages == []
+    assert torch.equal(from_pt, payload["string_to_param"]["*"]) and from_pt.shape == (3, 768)
+    embedding = comfyui.pack_module("trainer_core.adapters.embedding")
+    vectors, step, _ = embedding.load_embedding(os.path.join(folder, f"{TI}.safetensors"))
+    assert torch.equal(from_safetensors, vectors) and step == 4
+    # Same seed and settings as the safetensors run: the same vectors in another file format.
+    assert torch.equal(from_pt, from_safetensors)
+
+
 def test_requeue_trains_nothing(comfyui, trained):
     example = trained["example"]
     final = os.path.join(comfyui.folders["embeddings"], f"{DA}-neg.safetensors")
