@@ -623,7 +623,8 @@ class TrainableEmbeddingPrompts:
                 values = [PLACEHOLDER_VALUE - 100 * index - row for row in range(count)]
                 lookup.update({value: (name, row) for row, value in enumerate(values)})
                 rows = torch.tensor(values, dtype=torch.float32)[:, None].expand(count, width).contiguous()
-                safetensors.torch.save_file({"emb_params": rows}, f"{folder}/{EMBEDDING_ALIAS.format(index)}.safetensors")
+                path = f"{folder}/{EMBEDDING_ALIAS.format(index)}.safetensors"
+                safetensors.torch.save_file({"emb_params": rows}, path)
             reader = self.clip.clone()
             reader.tokenizer = copy.copy(self.clip.tokenizer)
             inner = copy.copy(getattr(reader.tokenizer, reader.tokenizer.clip))

@@ -18,7 +18,8 @@ from .errors import TrainerInputError, TrainingCancelled, TrainingStopped
 
 ADAPTERS = ("lora", "hypernetwork", "embedding", "dreamartist")
 # The config section each adapter reads its options from, and the default output name's suffix.
-ADAPTER_SECTIONS = {"lora": "lora", "hypernetwork": "hypernetwork", "embedding": "embedding", "dreamartist": "embedding"}
+ADAPTER_SECTIONS = {"lora": "lora", "hypernetwork": "hypernetwork", "embedding": "embedding",
+                    "dreamartist": "embedding"}
 OUTPUT_SUFFIXES = {"lora": "lora", "hypernetwork": "hypernet", "embedding": "emb", "dreamartist": "da"}
 SAMPLE_DATASET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_dataset")
 TINY_DEFAULTS = {"resolution": 64, "steps": 500, "save_every_steps": 200}

@@ -82,9 +82,9 @@ def train_embedding(parts: ModelParts, dataset, embedding_config, train_config: 
     train_config.validate()
     with _seeded(train_config.seed):
         job = EmbeddingJob(parts, embedding_config, train_config, dataset)
-    planned = [job.output_path(job.intermediate_name(train_config.output_name, s)) for s in _save_steps(train_config)]
-    job.check_clashes(embedding_folders or [train_config.output_dir], planned + [job.output_path(train_config.output_name)],
-                      train_config.overwrite)
+    planned = [_step_path(job, train_config, s) for s in _save_steps(train_config)]
+    planned.append(job.output_path(train_config.output_name))
+    job.check_clashes(embedding_folders or [train_config.output_dir], planned, train_config.overwrite)
     return _run(parts, job, dataset, train_config, regularization, callbacks or Callbacks())
 
 

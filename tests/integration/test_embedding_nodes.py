@@ -38,7 +38,8 @@ class EmbeddingExample:
         samplers = node_ids(prompt, "KSampler")
 
         def sampler_using(trainer):
-            return next(i for i in samplers if prompt[prompt[i]["inputs"]["positive"][0]]["inputs"]["clip"][0] == trainer)
+            encoder = lambda i: prompt[prompt[i]["inputs"]["positive"][0]]  # noqa: E731
+            return next(i for i in samplers if encoder(i)["inputs"]["clip"][0] == trainer)
         self.ti_sampler, self.da_sampler = sampler_using(self.ti), sampler_using(self.da)
         self.base_sampler = next(i for i in samplers if i not in (self.ti_sampler, self.da_sampler))
         prompt[self.checkpoint]["inputs"]["ckpt_name"] = checkpoint
