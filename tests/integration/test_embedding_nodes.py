@@ -173,6 +173,21 @@ def test_training_computes_the_conditioning_the_saved_file_gives(comfyui, traine
         assert torch.equal(context, encode(clip, escaped)[0].cpu()), caption
 
 
+def test_the_model_clip_and_vae_stay_bit_identical_to_a_fresh_load(comfyui, trained, tiny_checkpoint):
+    """Only the new vectors train: the checkpoint's MODEL, CLIP (every token embedding included)
+    and VAE that the trainers used equal the same checkpoint loaded again."""
+    run, example = trained["run"], trained["example"]
+    fresh = comfyui.load_checkpoint(tiny_checkpoint)
+    used = [run.output(example.checkpoint, i) for i in range(3)]
+    modules = lambda model, clip, vae: (model.model, clip.cond_stage_model, vae.first_stage_model)  # noqa: E731
+    for before, after in zip(modules(*fresh), modules(*used)):
+        expected, actual = before.state_dict(), after.state_dict()
+        skipped = ("text_projection.weight", "logit_scale")  # uninitialised in SD1 files, never used
+        keys = [k for k in expected if not k.endswith(skipped)]
+        assert keys and all(torch.equal(expected[k], actual[k]) for k in keys)
+        assert all(p.grad is None for p in after.parameters()), "no gradient left on the base weights"
+
+
 def test_both_file_formats_load_through_comfyuis_embedding_loader(comfyui, trained):
     """The A1111 .pt and the safetensors file give ComfyUI's loader exactly the trained vectors."""
     import comfy.sd1_clip
