@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..trainer_core.adapters.embedding import CFG_CURVES, FILE_FORMATS, MODES, check_embedding_name
-from ..trainer_core.errors import TrainerInputError
+from ..trainer_core.errors import TrainerInputError, names_as
 from ..trainer_core.prompt_templates import available_templates
 from .hypernet import CAPTIONS_ONLY
 from .lora import MAX_SEED
@@ -198,7 +198,8 @@ class EmbeddingTrain(io.ComfyNode):
                                    embedding_folders=embedding_folders())
 
         # The text encoder is in the gradient's path (into the vectors), so it is made trainable-through.
-        result = run_training(model, clip, vae, steps, cls.hidden, train, train_text_encoder=True)
+        with names_as({"output_name": "name"}):
+            result = run_training(model, clip, vae, steps, cls.hidden, train, train_text_encoder=True)
         dreamartist = mode == "dreamartist"
         files = [saved_name(path, folder) for path in written_paths(result.final_path, dreamartist)]
         chart = image_tensor(loss_chart(result.losses))
