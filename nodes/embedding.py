@@ -7,10 +7,9 @@ from ..trainer_core.adapters.embedding import CFG_CURVES, FILE_FORMATS, MODES, c
 from ..trainer_core.errors import TrainerInputError, names_as
 from ..trainer_core.prompt_templates import available_templates
 from .hypernet import CAPTIONS_ONLY
-from .lora import MAX_SEED
 from .training_inputs import batch_inputs, memory_inputs, replace_inputs
 from .training_run import image_tensor, run_training, saved_name
-from .types import TrainingDataset
+from .types import MAX_SEED, TrainingDataset
 
 NONE = "none"
 EMBEDDING_SUFFIXES = (".safetensors", ".pt")

@@ -135,7 +135,7 @@ def test_resume_continues_bit_for_bit(parts, dataset, tmp_path, mode):
 def test_requeue_loads_the_file_instead_of_training(parts, dataset, tmp_path):
     first = train(parts, dataset, tmp_path, mode="dreamartist")
     again = train(parts, dataset, tmp_path, mode="dreamartist")
-    assert again.from_cache and again.steps_done == 4
+    assert again.from_cache and again.losses == first.losses
     for name, vectors in first.adapter.by_name().items():
         assert torch.equal(vectors, again.adapter.by_name()[name])
 
