@@ -224,7 +224,8 @@ def _measure_activations(parts, job, batch_size: int, latent: int, autocast_dtyp
         with job.attached(), mode, torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _same):
             x_t = torch.zeros(batch_size, 4, latent, latent, device=parts.device, dtype=parts.dtype)
             t = torch.zeros(batch_size, dtype=torch.long, device=parts.device)
-            c = torch.zeros(context, device=parts.device, dtype=parts.dtype)
+            # Gradients flow back into the context when the text encoder's output is trained.
+            c = torch.zeros(context, device=parts.device, dtype=parts.dtype, requires_grad=job.trains_text_encoder)
             with autocast:
                 parts.predict_noise(x_t, t, c)
     finally:
