@@ -7,7 +7,7 @@ from ..trainer_core.adapters.embedding import CFG_CURVES, FILE_FORMATS, MODES, c
 from ..trainer_core.errors import TrainerInputError, names_as
 from ..trainer_core.prompt_templates import available_templates
 from .hypernet import CAPTIONS_ONLY
-from .training_inputs import batch_inputs, memory_inputs, replace_inputs
+from .training_inputs import batch_inputs, gradient_checkpointing_valid, memory_inputs, replace_inputs
 from .training_run import image_tensor, run_training, saved_name
 from .types import MAX_SEED, TrainingDataset
 
@@ -154,7 +154,10 @@ class EmbeddingTrain(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name=None):
+    def validate_inputs(cls, name=None, gradient_checkpointing=None):
+        # Named here, ComfyUI leaves gradient_checkpointing's check to this method, so true/false pass.
+        if gradient_checkpointing is not None and not gradient_checkpointing_valid(gradient_checkpointing):
+            return f"gradient_checkpointing must be auto, on or off (got {gradient_checkpointing!r})"
         if name is None:
             return True
         try:
