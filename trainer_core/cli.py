@@ -166,6 +166,12 @@ def _device(name: str):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def model_dtype(device, precision: str):
+    """The frozen model's weight dtype: fp16 on CUDA for fp16 (and auto) training, else fp32."""
+    import torch
+    return torch.float16 if device.type == "cuda" and precision in ("auto", "fp16") else torch.float32
+
+
 def run_train(args) -> int:
     import torch
     import torch.distributed as dist
@@ -180,9 +186,8 @@ def run_train(args) -> int:
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise TrainerInputError(f"--output-dir {output_dir} is a file: give a folder.")
     device = _device(args.device)
-    dtype = torch.float16 if device.type == "cuda" and configs["train"].precision in ("auto", "fp16") else torch.float32
     if args.model:
-        parts = load_parts(args.model, device=device, dtype=dtype)
+        parts = load_parts(args.model, device=device, dtype=model_dtype(device, configs["train"].precision))
     else:
         log.info("no --model given: using the tiny built-in model (a demo of the whole path, not a real model)")
         parts = tiny_parts(device=device)

@@ -203,9 +203,10 @@ def random_tensor(name, shape, generator) -> torch.Tensor:
     return tensor.to(torch.float16)
 
 
-def write_full_size_sd15(path: str, seed: int = SEED) -> str:
-    """Write the checkpoint to `path` (a temp file renamed into place), one tensor at a time."""
-    layout = checkpoint_layout()
+def write_full_size_sd15(path: str, seed: int = SEED, layout=None) -> str:
+    """Write the checkpoint (or the tensors of `layout`) to `path`, one tensor at a time, into a
+    temp file that is renamed into place."""
+    layout = layout or checkpoint_layout()
     header, offset = {"__metadata__": {"format": "pt", "fixture": f"random SD1.5 architecture, seed {seed}"}}, 0
     for name, shape in layout:
         size = math.prod(shape) * 2  # fp16

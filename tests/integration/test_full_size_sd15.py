@@ -94,8 +94,11 @@ def training_prompt(comfyui, checkpoint, class_type, **train_inputs) -> dict:
 
 def run_ok(comfyui, prompt):
     """A prompt that must succeed. Callers keep tensors, not the run: a run holds every node's
-    outputs, and a full-size MODEL left referenced would stay in memory."""
-    run = comfyui.run(prompt)
+    outputs, and a full-size MODEL left referenced would stay in memory. Each prompt runs in a
+    fresh executor, so the previous prompt's models are not held in ComfyUI's cache either."""
+    import gc
+    gc.collect()
+    run = comfyui.run(prompt, executor=comfyui.new_executor())
     error = run.message("execution_error")
     assert error is None, f"{error['exception_message']}\n{''.join(error['traceback'])}"
     assert "execution_success" in run.events
