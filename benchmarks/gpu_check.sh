@@ -52,7 +52,7 @@ if [ "$mode" = prepare ]; then
   mkdir -p "$WORK"
   # The packages and their dependencies as installed here, minus torch and what torch brings
   # (the GPU machine has its own), downloaded as wheels, stored uncompressed and packed with xz:
-  # about half the size of the wheels as they come. bitsandbytes keeps only its CPU library and
+  # about half the size of the wheels as they come (xz -9; it takes several minutes). bitsandbytes keeps only its CPU library and
   # the ones for the CUDA major version of this torch build (GPU_CUDA_MAJOR overrides, e.g. 12).
   "$PYTHON" - "$WORK" "${GPU_PYTHON_VERSION:-}" "${GPU_CUDA_MAJOR:-}" $PACKAGES <<'EOF'
 import importlib.metadata as metadata
@@ -127,7 +127,7 @@ for wheel in sorted(os.listdir(download)):
 with open(os.path.join(stored, "requirements.txt"), "w", encoding="utf-8") as f:
     f.write("".join(f"{name}=={version}\n" if version else f"{name}\n" for name, version in sorted(pins.items())))
 archive = os.path.join(work, "wheels.tar.xz")
-with tarfile.open(archive + ".tmp", "w:xz", preset=6) as tar:
+with tarfile.open(archive + ".tmp", "w:xz", preset=9) as tar:  # a 64 MiB window spans wheels
     for name in sorted(os.listdir(stored)):
         tar.add(os.path.join(stored, name), arcname=name)
 os.replace(archive + ".tmp", archive)

