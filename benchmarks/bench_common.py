@@ -55,16 +55,22 @@ class MemoryPlanCatcher(logging.Handler):
         self.line = ""
         logging.getLogger().addHandler(self)
 
-    def enable(self) -> None:
-        """Call after the trainer's modules are imported (their loggers exist then)."""
+    def enable(self) -> dict:
+        """Call after the trainer's modules are imported (their loggers exist then). Returns the
+        levels it changed ({logger: previous level})."""
         names = {"trainer_core"} | {name[:name.index("trainer_core") + len("trainer_core")]
                                     for name in logging.root.manager.loggerDict if "trainer_core" in name}
+        changed = {}
         for name in names:
             logger = logging.getLogger(name)
             if logger.getEffectiveLevel() > logging.INFO:
+                changed[logger] = logger.level
                 logger.setLevel(logging.INFO)
+        return changed
 
     def emit(self, record) -> None:
+        if "trainer_core" not in record.name:
+            return
         message = record.getMessage()
         match = MEMORY_PLAN.search(message)
         if match and self.estimate_mb is None:
