@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import resource
@@ -103,6 +104,8 @@ def main():
     parser.add_argument("--no-bare", action="store_true", help="skip the bare forward+backward")
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     args = parser.parse_args()
+    # As the CLI does: the trainer's choices (attention kernel, optimizer fallback, memory plan) show.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     steps = args.steps or (3 if args.full_size else 30)
     rank = args.rank or (8 if args.full_size else 4)
     pictures = args.pictures or (1 if args.full_size else 0)

@@ -175,7 +175,7 @@ for precision in fp16 bf16 fp32; do
   fi
   "$PYTHON" benchmarks/bench_cli.py --json --full-size --resolution "$RESOLUTION" --steps "$STEPS" \
     --precision "$precision" --optimizer AdamW8bit --gradient-checkpointing --no-bare 2>&1 \
-    | tee "$WORK/bench_$precision.log" | grep -E "^(device|trainer_core CLI)|attention:|AdamW8bit|memory plan" || true
+    | tee "$WORK/bench_$precision.log" | grep -E "^(device|trainer_core CLI)|attention:|AdamW8bit needs|bitsandbytes|precision|memory plan" || true
   grep '^BENCH_RESULT ' "$WORK/bench_$precision.log" | cut -d' ' -f2- >> "$results" \
     || echo "{\"precision\": \"$precision\", \"failed\": true}" >> "$results"
 done
