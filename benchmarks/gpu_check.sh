@@ -123,6 +123,7 @@ for wheel in sorted(os.listdir(download)):
                 data = b"".join(line + b"\n" for line in data.splitlines()
                                 if not line.startswith(b"bitsandbytes/libbitsandbytes_")
                                 or kept_library.match(line.decode()))
+            info.compress_type = zipfile.ZIP_STORED  # so xz, with its large window, compresses it
             target.writestr(info, data)
 with open(os.path.join(stored, "requirements.txt"), "w", encoding="utf-8") as f:
     f.write("".join(f"{name}=={version}\n" if version else f"{name}\n" for name, version in sorted(pins.items())))
