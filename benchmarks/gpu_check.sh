@@ -4,7 +4,7 @@
 #
 #   benchmarks/gpu_check.sh --prepare    here, with a package index: packs the Python packages the
 #                                        GPU machine lacks into .gpu_check/wheels.tar.xz (about
-#                                        50 MiB). Carry that one path to the GPU machine.
+#                                        41 MiB). Carry that one path to the GPU machine.
 #   benchmarks/gpu_check.sh              there: installs them offline (pip --no-index), then runs
 #                                        the checks. About 3-4 minutes on one H100 (at most 6).
 #   benchmarks/gpu_check.sh --dry-run    prints every step instead of running it.
@@ -52,7 +52,7 @@ if [ "$mode" = prepare ]; then
   mkdir -p "$WORK"
   # The packages and their dependencies as installed here, minus torch and what torch brings
   # (the GPU machine has its own), downloaded as wheels, stored uncompressed and packed with xz:
-  # about half the size of the wheels as they come (xz -9; it takes several minutes). bitsandbytes keeps only its CPU library and
+  # about half the size of the wheels as they come (xz -9; it takes 5-20 minutes). bitsandbytes keeps only its CPU library and
   # the ones for the CUDA major version of this torch build (GPU_CUDA_MAJOR overrides, e.g. 12).
   "$PYTHON" - "$WORK" "${GPU_PYTHON_VERSION:-}" "${GPU_CUDA_MAJOR:-}" $PACKAGES <<'EOF'
 import importlib.metadata as metadata
