@@ -1,4 +1,5 @@
 """Bake a kohya LoRA into model weights: W' = W + strength * (alpha / rank) * up @ down.
+LoHa and LoKr modules add their own dW (adapters/lycoris.py `file_weight_change`).
 
 The product is computed in fp32 and cast back to W's dtype, so an fp16 checkpoint stays
 fp16 and small LoRA deltas are not lost to fp16 rounding inside the matmul.
@@ -8,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .errors import TrainerInputError
-from .formats import kohya_modules
+from .formats import network_modules
 
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
@@ -26,7 +27,7 @@ def merge_lora(
     `kohya_to_weight_key` maps each kohya module name to the key of its weight in
     `base_state_dict` (for ComfyUI: `comfy.lora.model_lora_keys_unet/clip`).
     """
-    modules = kohya_modules(lora_state_dict)
+    modules = network_modules(lora_state_dict)
     unmapped = sorted(name for name in modules if name not in kohya_to_weight_key)
     if unmapped:
         raise TrainerInputError(
@@ -60,7 +61,7 @@ def merge_lora_into_modules(
 
     For a model the caller owns (a clone): the change is permanent.
     """
-    modules = kohya_modules(lora_state_dict)
+    modules = network_modules(lora_state_dict)
     unmapped = sorted(name for name in modules if name not in targets)
     if unmapped:
         raise TrainerInputError(
@@ -88,16 +89,29 @@ def _strength(name, strength_unet, strength_text_encoder):
 
 
 def _merged_weight(name, weight, module, strength):
+    if module["type"] != "lora":
+        return _merged_lycoris_weight(name, weight, module, strength)
     down = module["down"].to(weight.device, torch.float32)
     up = module["up"].to(weight.device, torch.float32)
     rank = down.shape[0]
     alpha = float(module["alpha"]) if module["alpha"] is not None else float(rank)
     up_2d, down_2d = up.flatten(1), down.flatten(1)
-    is_linear_or_1x1 = weight.dim() == 2 or tuple(weight.shape[2:]) == (1, 1)
-    if not is_linear_or_1x1 or up_2d.shape != (weight.shape[0], rank) or down_2d.shape != (rank, weight.shape[1]):
+    if up_2d.shape != (weight.shape[0], rank) or down_2d.shape != (rank, weight[0].numel()):
         raise TrainerInputError(
             f"{name}: LoRA shapes up {list(up.shape)} / down {list(down.shape)} do not fit the "
             f"model weight {list(weight.shape)}: this LoRA was made for another model (SD2.x or SDXL?)."
         )
     delta = (up_2d @ down_2d) * (strength * alpha / rank)
     return (weight.to(torch.float32) + delta.reshape(weight.shape)).to(weight.dtype)
+
+
+def _merged_lycoris_weight(name, weight, module, strength):
+    from .adapters.lycoris import file_weight_change
+    module = {k: v.to(weight.device) if isinstance(v, torch.Tensor) else v for k, v in module.items()}
+    try:
+        delta, scale = file_weight_change(module, weight.shape)
+    except RuntimeError as error:  # factor shapes whose product is not the weight's shape
+        raise TrainerInputError(
+            f"{name}: this {module['type']} module does not fit the model weight {list(weight.shape)} "
+            f"({error}): it was made for another model (SD2.x or SDXL?).") from None
+    return (weight.to(torch.float32) + delta * (strength * scale)).to(weight.dtype)
