@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..trainer_core.config import LR_SCHEDULERS, OPTIMIZERS
+from .lycoris_inputs import network_type_inputs
 from .training_inputs import batch_inputs, memory_inputs, replace_inputs
 from .training_run import image_tensor, run_training, saved_name
 from .types import RegularizationSet, TrainingDataset
@@ -80,6 +81,7 @@ class LoRATrain(io.ComfyNode):
                     "alpha", default=4.0, min=0.01, max=1024.0, step=0.01,
                     tooltip="Scales the LoRA's effect by alpha / rank. alpha = rank gives scale 1; "
                             "alpha = 1 (kohya's default) needs a larger learning rate."),
+                *network_type_inputs(),
                 *batch_inputs(),
                 io.Combo.Input(
                     "optimizer", options=list(OPTIMIZERS), default="AdamW",
@@ -129,7 +131,7 @@ class LoRATrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, output_name, steps, learning_rate, text_encoder_learning_rate,
-                train_text_encoder, rank, alpha, batch_size, gradient_accumulation, optimizer, lr_scheduler,
+                train_text_encoder, rank, alpha, network_type, conv_rank, conv_alpha, factor, batch_size, gradient_accumulation, optimizer, lr_scheduler,
                 warmup_steps, precision, gradient_checkpointing, seed, save_every_steps, sample_every_steps,
                 resume_from, overwrite, force_retrain, regularization=None) -> io.NodeOutput:
         from ..trainer_core.adapters.lora import LoRAConfig
@@ -139,7 +141,9 @@ class LoRATrain(io.ComfyNode):
         from . import comfy_bridge as bridge
 
         output_dir = lora_folder()
-        lora_config = LoRAConfig(rank=rank, alpha=alpha, train_text_encoder=train_text_encoder)
+        lora_config = LoRAConfig(rank=rank, alpha=alpha, train_text_encoder=train_text_encoder,
+                                 network_type=network_type, conv_rank=conv_rank, conv_alpha=conv_alpha,
+                                 factor=factor)
         train_config = TrainConfig(
             output_dir=output_dir, output_name=output_name, steps=steps, batch_size=batch_size,
             gradient_accumulation=gradient_accumulation, seed=seed, learning_rate=learning_rate,

@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, help="learning rate (LoRA UNet / hypernetwork)")
     train.add_argument("--rank", type=int)
     train.add_argument("--alpha", type=float)
+    train.add_argument("--network-type", choices=("lora", "locon", "loha", "lokr"),
+                       help="lora (default), or a LyCORIS type: locon (+ ResNet convolutions), loha, lokr")
+    train.add_argument("--conv-rank", type=int, help="locon/loha/lokr: rank of the 3x3 convolutions (0 = none)")
+    train.add_argument("--conv-alpha", type=float, help="locon/loha/lokr: alpha of the 3x3 convolutions")
+    train.add_argument("--factor", type=int, help="lokr: Kronecker factor, -1 = chosen per layer")
     train.add_argument("--train-text-encoder", action="store_true")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--gradient-accumulation", type=int)
@@ -117,6 +122,8 @@ def configs_from_args(args) -> dict:
     _set(s["lora"], "rank", args.rank)
     _set(s["lora"], "alpha", args.alpha)
     _set(s["lora"], "train_text_encoder", args.train_text_encoder)
+    for key in ("network_type", "conv_rank", "conv_alpha", "factor"):
+        _set(s["lora"], key, getattr(args, key))
     _set(s["hypernetwork"], "layer_structure", args.layer_structure)
     _set(s["hypernetwork"], "activation", args.activation)
     if args.adapter == "hypernetwork":
