@@ -196,7 +196,10 @@ def _targets(key_map, pattern, root, any_conv=False) -> dict:
     for kohya_name, weight_key in sorted(key_map.items()):
         if not pattern.match(kohya_name) or not isinstance(weight_key, str):
             continue
-        module = root.get_submodule(weight_key[:-len(".weight")])
+        try:
+            module = root.get_submodule(weight_key[:-len(".weight")])
+        except AttributeError:  # the map is built from the UNet's config; a smaller UNet lacks some layers
+            continue
         if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and (any_conv or module.kernel_size == (1, 1))):
             targets[kohya_name] = module
     return targets

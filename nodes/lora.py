@@ -81,7 +81,6 @@ class LoRATrain(io.ComfyNode):
                     "alpha", default=4.0, min=0.01, max=1024.0, step=0.01,
                     tooltip="Scales the LoRA's effect by alpha / rank. alpha = rank gives scale 1; "
                             "alpha = 1 (kohya's default) needs a larger learning rate."),
-                *network_type_inputs(),
                 *batch_inputs(),
                 io.Combo.Input(
                     "optimizer", options=list(OPTIMIZERS), default="AdamW",
@@ -113,6 +112,9 @@ class LoRATrain(io.ComfyNode):
                     tooltip="Continue training from a LoRA saved earlier by this node (e.g. an "
                             "intermediate save), up to 'steps' in total. none = start fresh."),
                 *replace_inputs(),
+                # Last and optional, so workflows and API prompts made before these inputs existed
+                # keep their widget values and still run (as plain LoRAs).
+                *network_type_inputs(),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
@@ -131,9 +133,10 @@ class LoRATrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, output_name, steps, learning_rate, text_encoder_learning_rate,
-                train_text_encoder, rank, alpha, network_type, conv_rank, conv_alpha, factor, batch_size, gradient_accumulation, optimizer, lr_scheduler,
+                train_text_encoder, rank, alpha, batch_size, gradient_accumulation, optimizer, lr_scheduler,
                 warmup_steps, precision, gradient_checkpointing, seed, save_every_steps, sample_every_steps,
-                resume_from, overwrite, force_retrain, regularization=None) -> io.NodeOutput:
+                resume_from, overwrite, force_retrain, regularization=None, network_type="lora", conv_rank=4,
+                conv_alpha=4.0, factor=-1) -> io.NodeOutput:
         from ..trainer_core.adapters.lora import LoRAConfig
         from ..trainer_core.config import TrainConfig
         from ..trainer_core.plots import loss_chart
