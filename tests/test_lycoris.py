@@ -238,6 +238,13 @@ def test_resume_with_another_network_type_says_which_to_set(parts, dataset, tmp_
             tmp_path, output_name="other", steps=2, resume_from=os.path.join(str(tmp_path), "run_1.safetensors")))
 
 
+def test_plain_lora_resuming_a_loha_file_says_to_set_network_type(parts, dataset, tmp_path):
+    train_lora(parts, dataset, LoRAConfig(network_type="loha"), train_config(tmp_path, steps=2, save_every_steps=1))
+    with pytest.raises(TrainerInputError, match="set network_type to loha"):
+        train_lora(parts, dataset, LoRAConfig(), train_config(
+            tmp_path, output_name="other", steps=2, resume_from=os.path.join(str(tmp_path), "run_1.safetensors")))
+
+
 def test_lokr_without_lycoris_installed_says_how_to_install(parts, monkeypatch):
     for name in [m for m in sys.modules if m == "lycoris" or m.startswith("lycoris.")]:
         monkeypatch.setitem(sys.modules, name, None)  # import now raises ImportError

@@ -115,6 +115,8 @@ def test_merged_checkpoint_samples_like_base_plus_core_lora_loader(comfyui, tiny
               f"{difference:.3g} ({difference / scale:.2g} of {scale:.3g}); the network moves latents by "
               f"{lora_effect:.3g}; bit-equal: {torch.equal(from_file, expected)}")
         assert torch.equal(latents(merged_run), from_file)
+        if precision == "fp32":
+            assert torch.equal(from_file, expected), "an fp32 merge rounds exactly as LoraLoader"
         assert difference <= RELATIVE_TOLERANCE[precision] * scale
         assert lora_effect > 100 * difference
 

@@ -290,13 +290,29 @@ class LoRANetwork(nn.Module):
     def load_kohya_state_dict(self, state_dict) -> None:
         """Copy a kohya LoRA's weights in; the file must have exactly this network's layers."""
         if self.config.network_type == "lora":
-            modules = _file_modules(state_dict)
+            try:
+                modules = _file_modules(state_dict)
+            except TrainerInputError:
+                _refuse_lycoris_file(state_dict)
+                raise
         else:
             modules = network_modules(state_dict)
         loras = self.loras()
         _check_names(set(modules), set(loras))
         for name, lora in loras.items():
             lora.load_file_tensors(name, modules[name])
+
+
+def _refuse_lycoris_file(state_dict):
+    """A LoHa/LoKr file given to a plain LoRA network: say which network_type reads it."""
+    try:
+        kinds = {m["type"] for m in network_modules(state_dict).values()} - {"lora"}
+    except TrainerInputError:
+        return
+    if kinds:
+        raise TrainerInputError(
+            f"This file is a LyCORIS {'/'.join(sorted(kinds))} network, not a plain LoRA: set network_type "
+            f"to {sorted(kinds)[0]} to continue it.")
 
 
 def _check_prefixes(targets, prefix):
