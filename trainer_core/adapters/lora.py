@@ -4,11 +4,13 @@ For every target layer (nn.Linear or nn.Conv2d, named by its kohya module name):
 
     y = W x + multiplier * (alpha / rank) * up(down(dropout(x)))
 
-`up` starts at zero, so a new LoRA changes nothing. The LyCORIS network types (LoCon, LoHa,
-LoKr; see lycoris.py) use the same network, hooks and file handling with their own modules. The hooks are removed when
+`up` starts at zero, so a new LoRA changes nothing. The hooks are removed when
 `attached()` exits, so the caller's model is never left modified. LoRA weights stay fp32
 whatever the model's dtype: fp16 trainables make GradScaler fail with "Attempting to
 unscale FP16 gradients" and lose small updates.
+
+The LyCORIS network types use the same network, hooks and files: LoCon is this LoRA on the
+ResNet convolutions too (a kxk down, a 1x1 up); LoHa and LoKr have their own modules (lycoris.py).
 """
 from __future__ import annotations
 
@@ -382,7 +384,7 @@ def _check_rank(name, down, rank):
     if down.shape[0] != rank:
         raise TrainerInputError(
             f"{name}: the file has rank {down.shape[0]} but this network has rank {rank}. "
-            "Set rank to the file's rank, or build the network from the file "
+            "Set rank (conv_rank for a 3x3 convolution) to the file's rank, or build the network from the file "
             "(LoRANetwork.from_kohya_state_dict)."
         )
 
