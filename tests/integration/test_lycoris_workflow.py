@@ -68,6 +68,20 @@ def test_comparison_nodes_of_the_example_run_on_every_type(trained):
             assert isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[0] == 1, class_type
 
 
+def test_lora_output_saves_through_core_save_lora_with_every_key(comfyui, trained):
+    run, example = trained["run"], trained["example"]
+    prefix = f"loras/core_saved_{trained['type']}"
+    prompt = dict(example.prompt)
+    prompt["904"] = {"class_type": "SaveLoRANode", "inputs": {"lora": [example.train, 2], "prefix": prefix}}
+    run_ok(comfyui, prompt)
+    folder = os.path.join(comfyui.folders["output"], "loras")
+    saved = [f for f in os.listdir(folder) if f.startswith(os.path.basename(prefix))]
+    from safetensors.torch import load_file
+    on_disk = load_file(os.path.join(folder, saved[0]))
+    lora = run.output(example.train, 2)
+    assert set(on_disk) == set(lora) and all(torch.equal(on_disk[k], lora[k]) for k in lora)
+
+
 def random_network_file(comfyui, tiny_checkpoint, network_type) -> str:
     """A LoCon/LoHa/LoKr on every layer LoRATrain trains, UNet and text encoder, with weights big
     enough to change the samples visibly."""
