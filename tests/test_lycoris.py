@@ -14,7 +14,7 @@ from trainer_core.config import TrainConfig
 from trainer_core.errors import TrainerInputError
 from trainer_core.formats import load_lora, network_modules
 from trainer_core.jobs import LoRAJob
-from trainer_core.merge import merge_lora_into_modules
+from trainer_core.merge import merge_lora
 from trainer_core.train import train_lora
 
 lycoris_kohya = pytest.importorskip("lycoris.kohya", reason="the lycoris-lora package is the oracle here")
@@ -190,8 +190,9 @@ def test_merged_weights_equal_the_hooked_network(parts, network_type, rank, fact
         hooked = unet_output(parts)
     unet = copy.deepcopy(parts.unet)
     targets = dict(parts.unet_lora_targets, **parts.unet_conv_targets)
-    clones = {name: unet.get_submodule(_path(parts.unet, module)) for name, module in targets.items()}
-    merge_lora_into_modules(clones, net.kohya_state_dict(dtype=None))
+    paths = {name: _path(parts.unet, module) + ".weight" for name, module in targets.items()}
+    merged = merge_lora(unet.state_dict(), net.kohya_state_dict(dtype=None), paths)
+    unet.load_state_dict(merged)
     merged_parts = type(parts)(**{**parts.__dict__, "unet": unet,
                                   "predict_noise": lambda x, t, c: unet(x, t, c).sample})
     torch.testing.assert_close(unet_output(merged_parts), hooked, rtol=1e-4, atol=1e-5)

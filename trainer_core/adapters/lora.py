@@ -16,20 +16,19 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from ..errors import TrainerInputError
-from ..formats import describe_state_dict, kohya_modules, network_modules
+from ..errors import TrainerInputError, name_of
+from ..formats import (TEXT_ENCODER_PREFIX, UNET_PREFIX, describe_state_dict, kohya_modules, module_alpha,
+                       network_modules)
+from .lycoris import LoHaModule, LoKrModule, check_module_type
 
 log = logging.getLogger(__name__)
 
-UNET_PREFIX = "lora_unet_"
-TEXT_ENCODER_PREFIX = "lora_te_"
 NETWORK_TYPES = ("lora", "locon", "loha", "lokr")
 # Fields that only the LyCORIS types use: left out of a plain LoRA's cache key, so LoRAs trained
 # before these types existed still hit the cache.
@@ -64,32 +63,33 @@ class LoRAConfig:
     def validate(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise TrainerInputError(
-                f"rank must be a whole number of at least 1 (got {self.rank!r}); 4 to 32 is usual."
+                f"{name_of('rank')} must be a whole number of at least 1 (got {self.rank!r}); 4 to 32 is usual."
             )
         if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
             raise TrainerInputError(
-                f"alpha must be a number above 0 (got {self.alpha!r}); alpha = rank gives scale 1, "
+                f"{name_of('alpha')} must be a number above 0 (got {self.alpha!r}); alpha = rank gives scale 1, "
                 "alpha = 1 is kohya's default."
             )
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise TrainerInputError(
-                f"dropout must be at least 0 and below 1 (got {self.dropout!r}); 0 turns it off."
+                f"{name_of('dropout')} must be at least 0 and below 1 (got {self.dropout!r}); 0 turns it off."
             )
         if not (self.train_unet or self.train_text_encoder):
-            raise TrainerInputError("train_unet and train_text_encoder are both off: turn on at least one.")
+            raise TrainerInputError(
+                f"{name_of('train_unet')} and {name_of('train_text_encoder')} are both off: turn on at least one.")
         if self.network_type not in NETWORK_TYPES:
             raise TrainerInputError(
-                f"network_type must be one of {', '.join(NETWORK_TYPES)} (got {self.network_type!r}).")
+                f"{name_of('network_type')} must be one of {', '.join(NETWORK_TYPES)} (got {self.network_type!r}).")
         if isinstance(self.conv_rank, bool) or not isinstance(self.conv_rank, int) or self.conv_rank < 0:
             raise TrainerInputError(
-                f"conv_rank must be a whole number of at least 0 (got {self.conv_rank!r}); 0 leaves the "
-                "ResNet convolutions out.")
+                f"{name_of('conv_rank')} must be a whole number of at least 0 (got {self.conv_rank!r}); 0 leaves "
+                "the ResNet convolutions out.")
         if not isinstance(self.conv_alpha, (int, float)) or not math.isfinite(self.conv_alpha) or self.conv_alpha <= 0:
-            raise TrainerInputError(f"conv_alpha must be a number above 0 (got {self.conv_alpha!r}).")
+            raise TrainerInputError(f"{name_of('conv_alpha')} must be a number above 0 (got {self.conv_alpha!r}).")
         if isinstance(self.factor, bool) or not isinstance(self.factor, int) or not (self.factor == -1 or self.factor >= 2):
             raise TrainerInputError(
-                f"factor must be -1 (chosen per layer) or a whole number of at least 2 (got {self.factor!r}); "
-                "LyCORIS suggests -1, or 4 to 8 for characters.")
+                f"{name_of('factor')} must be -1 (chosen per layer) or a whole number of at least 2 (got "
+                f"{self.factor!r}); LyCORIS suggests -1, or 4 to 8 for characters.")
 
 
 def layer_sizes(target: nn.Module) -> tuple[int, int]:
@@ -150,28 +150,19 @@ class LoRAModule(nn.Module):
         """Copy one file module (as `kohya_modules` / `network_modules` give it) in."""
         check_module_type(name, module, "lora", "a LoRA/LoCon")
         down, up = module["down"], module["up"]
-        _check_rank(name, down, self.rank)
+        _check_rank(name, down, self.rank, conv=is_wide_conv(self.lora_down))
         down = _fit_shape(name, "lora_down", down, self.lora_down.weight)
         up = _fit_shape(name, "lora_up", up, self.lora_up.weight)
         with torch.no_grad():
             self.lora_down.weight.copy_(down)
             self.lora_up.weight.copy_(up)
-            self.alpha.fill_(_alpha_of(module))
-
-
-def check_module_type(name: str, module: dict, expected: str, label: str) -> None:
-    found = module.get("type", "lora")
-    if found != expected:
-        raise TrainerInputError(
-            f"{name}: the file holds a {found} module where this network has {label} one: set "
-            f"network_type to {found if found != 'lora' else 'lora or locon'} to continue this file.")
+            self.alpha.fill_(module_alpha(module))
 
 
 def make_module(config: "LoRAConfig", target: nn.Module, rank: int, alpha: float) -> nn.Module:
     """The trainable module of `config.network_type` for one target layer."""
     if config.network_type in ("lora", "locon"):
         return LoRAModule(target, rank, alpha, config.dropout)
-    from .lycoris import LoHaModule, LoKrModule
     if config.network_type == "loha":
         return LoHaModule(target, rank, alpha, config.dropout)
     return LoKrModule(target, rank, alpha, config.factor, config.dropout)
@@ -180,11 +171,9 @@ def make_module(config: "LoRAConfig", target: nn.Module, rank: int, alpha: float
 class LoRANetwork(nn.Module):
     """One LoRAModule per target layer, keyed by kohya module name."""
 
-    def __init__(self, unet_targets: dict, text_encoder_targets: dict, config: LoRAConfig, *, module_ranks=None,
-                 conv_targets=None):
-        """`module_ranks` (kohya name -> rank) overrides config.rank per layer, for files
-        whose layers were resized to different ranks. `conv_targets` (kohya name -> Conv2d of
-        the UNet's ResNets and samplers) are trained by every network type but plain lora."""
+    def __init__(self, unet_targets: dict, text_encoder_targets: dict, config: LoRAConfig, *, conv_targets=None):
+        """`conv_targets` (kohya name -> Conv2d of the UNet's ResNets and samplers) are trained by
+        every network type but plain lora."""
         super().__init__()
         config.validate()
         self.config = config
@@ -203,10 +192,9 @@ class LoRANetwork(nn.Module):
         if not self._targets:
             raise TrainerInputError(
                 "There are no layers to train: the model has no LoRA targets for the parts "
-                "chosen by train_unet / train_text_encoder."
+                f"chosen by {name_of('train_unet')} / {name_of('train_text_encoder')}."
             )
-        ranks = {name: (module_ranks or {}).get(name, config.conv_rank if is_wide_conv(t) else config.rank)
-                 for name, t in self._targets.items()}
+        ranks = {name: config.conv_rank if is_wide_conv(t) else config.rank for name, t in self._targets.items()}
         _check_rank_fits(self._targets, ranks)
         if config.network_type == "loha" and max(ranks.values()) > LOHA_MAX_RANK:
             log.warning("LoHa with rank %d: LyCORIS's guidelines keep LoHa at rank %d or less (its product "
@@ -218,27 +206,6 @@ class LoRANetwork(nn.Module):
             alpha = config.conv_alpha if is_wide_conv(target) else config.alpha
             group[name] = make_module(config, target, ranks[name], alpha)
         self._attached = False
-
-    @classmethod
-    def from_kohya_state_dict(
-        cls, state_dict, unet_targets: dict, text_encoder_targets: dict, dropout: float = 0.0
-    ) -> "LoRANetwork":
-        """A network shaped like the file (its ranks, alphas and parts) holding its weights."""
-        modules = _file_modules(state_dict)
-        names = set(modules)
-        train_unet = any(n.startswith(UNET_PREFIX) for n in names)
-        train_text_encoder = any(n.startswith(TEXT_ENCODER_PREFIX) for n in names)
-        expected = set(unet_targets) if train_unet else set()
-        if train_text_encoder:
-            expected |= set(text_encoder_targets)
-        _check_names(names, expected)
-        ranks = {name: m["down"].shape[0] for name, m in modules.items()}
-        rank = Counter(ranks.values()).most_common(1)[0][0]
-        alpha = Counter(_alpha_of(m) for m in modules.values()).most_common(1)[0][0]
-        config = LoRAConfig(rank, alpha, dropout, train_unet, train_text_encoder)
-        network = cls(unet_targets, text_encoder_targets, config, module_ranks=ranks)
-        network.load_kohya_state_dict(state_dict)
-        return network
 
     def loras(self) -> dict:
         return {**self.unet_loras, **self.text_encoder_loras}
@@ -313,8 +280,8 @@ def _refuse_lycoris_file(state_dict):
         return
     if kinds:
         raise TrainerInputError(
-            f"This file is a LyCORIS {'/'.join(sorted(kinds))} network, not a plain LoRA: set network_type "
-            f"to {sorted(kinds)[0]} to continue it.")
+            f"This file is a LyCORIS {'/'.join(sorted(kinds))} network, not a plain LoRA: set "
+            f"{name_of('network_type')} to {sorted(kinds)[0]} to continue it.")
 
 
 def _check_prefixes(targets, prefix):
@@ -328,20 +295,14 @@ def _check_rank_fits(targets, ranks):
     if too_small:
         name = min(too_small, key=too_small.get)
         raise TrainerInputError(
-            f"rank {ranks[name]} is larger than the smallest layer it would train ({name} has "
-            f"{too_small[name]} features): set rank to {too_small[name]} or less."
+            f"{name_of('rank')} {ranks[name]} is larger than the smallest layer it would train ({name} has "
+            f"{too_small[name]} features): set {name_of('rank')} to {too_small[name]} or less."
         )
 
 
 def _device_of(module):
     tensor = next(module.parameters(), None)
     return tensor.device if tensor is not None else torch.device("cpu")
-
-
-def _alpha_of(file_module) -> float:
-    # kohya and ComfyUI treat a missing alpha as alpha = rank (scale 1).
-    alpha = file_module["alpha"]
-    return float(alpha) if alpha is not None else float(file_module["down"].shape[0])
 
 
 def _file_modules(state_dict):
@@ -362,11 +323,11 @@ def _check_names(file_names: set, expected: set):
     if any(n.startswith(TEXT_ENCODER_PREFIX) for n in unknown) and not any(
         n.startswith(TEXT_ENCODER_PREFIX) for n in expected
     ):
-        hint = " The file also trains the text encoder: turn on train_text_encoder."
+        hint = f" The file also trains the text encoder: turn on {name_of('train_text_encoder')}."
     elif any(n.startswith(TEXT_ENCODER_PREFIX) for n in missing) and not any(
         n.startswith(TEXT_ENCODER_PREFIX) for n in file_names
     ):
-        hint = " The file has no text-encoder layers: turn off train_text_encoder."
+        hint = f" The file has no text-encoder layers: turn off {name_of('train_text_encoder')}."
     raise TrainerInputError(
         f"This LoRA's layers do not match the model: the file looks like {kind}; expected an "
         f"SD1.x kohya LoRA with names like {_examples(expected)}. "
@@ -380,12 +341,11 @@ def _examples(names, count=3):
     return ", ".join(names[:count]) if names else "none"
 
 
-def _check_rank(name, down, rank):
+def _check_rank(name, down, rank, conv=False):
     if down.shape[0] != rank:
         raise TrainerInputError(
-            f"{name}: the file has rank {down.shape[0]} but this network has rank {rank}. "
-            "Set rank (conv_rank for a 3x3 convolution) to the file's rank, or build the network from the file "
-            "(LoRANetwork.from_kohya_state_dict)."
+            f"{name}: the file has rank {down.shape[0]} but this network has rank {rank}: set "
+            f"{name_of('conv_rank') if conv else name_of('rank')} to {down.shape[0]}, the file's rank."
         )
 
 

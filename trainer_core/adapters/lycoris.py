@@ -23,10 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import TrainerInputError
-from .lora import check_module_type
+from ..errors import TrainerInputError, name_of
 
 INSTALL_HINT = "pip install lycoris-lora (or the pack's [lycoris] extra)"
+
+
+def check_module_type(name: str, module: dict, expected: str, label: str) -> None:
+    """Refuse a file module of another type than this network's (a LoHa file into a LoCon...)."""
+    found = module.get("type", "lora")
+    if found != expected:
+        raise TrainerInputError(
+            f"{name}: the file holds a {found} module where this network has {label} one: set "
+            f"{name_of('network_type')} to {found if found != 'lora' else 'lora or locon'} to continue this file.")
 
 
 def factorization(dimension: int, factor: int) -> tuple[int, int]:
