@@ -2,13 +2,14 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .dataset import LoadDataset, RegImages
+from .embedding import EmbeddingTrain
 from .hypernet import ApplyHypernetwork, HypernetTrain
 from .lora import LoRATrain
 from .merge import MergeLoRAToCkpt
 from .preview import LossChart, StepComparisonGrid, TriggerComparison
 
 NODES = [LoadDataset, RegImages, LoRATrain, HypernetTrain, ApplyHypernetwork, MergeLoRAToCkpt, LossChart,
-         TriggerComparison, StepComparisonGrid]
+         TriggerComparison, StepComparisonGrid, EmbeddingTrain]
 
 
 class TrainerExtension(ComfyExtension):
