@@ -39,13 +39,14 @@ class Example:
         self.checkpoint = node_ids(prompt, "CheckpointLoaderSimple")[0]
         self.train = node_ids(prompt, "LoRATrain")[0]
         samplers = node_ids(prompt, "KSampler")
+        self.regularization = node_ids(prompt, "RegImages")[0]
+        self.class_pictures = prompt[self.regularization]["inputs"]["images"][0]
+        self.class_sampler = prompt[self.class_pictures]["inputs"]["samples"][0]
         self.trained_sampler = next(i for i in samplers if prompt[i]["inputs"]["model"][0] == self.train)
-        self.base_sampler = next(i for i in samplers if i != self.trained_sampler)
+        self.base_sampler = next(i for i in samplers if i not in (self.trained_sampler, self.class_sampler))
         prompt[self.checkpoint]["inputs"]["ckpt_name"] = checkpoint
         for i in node_ids(prompt, "LoadDataset") + node_ids(prompt, "RegImages"):
             prompt[i]["inputs"]["resolution"] = RESOLUTION
-        for i in node_ids(prompt, "RegImages"):
-            prompt[i]["inputs"]["blank_count"] = 2
         for i in node_ids(prompt, "EmptyLatentImage"):
             prompt[i]["inputs"].update(width=RESOLUTION, height=RESOLUTION)
         for i in samplers:
@@ -174,6 +175,24 @@ def test_requeue_reuses_the_result_without_training(comfyui, trained):
 
     queued_again = comfyui.run(example.prompt, executor=executor)
     assert example.train in queued_again.cached_nodes(), "ComfyUI's own cache skips the node"
+    assert example.class_sampler in queued_again.cached_nodes(), "the class pictures are not drawn again"
+
+
+def test_class_pictures_are_drawn_by_the_base_model_and_trained_with_the_class_prompt(comfyui, trained):
+    import random
+    run, example = trained["run"], trained["example"]
+    sampler = example.prompt[example.class_sampler]["inputs"]
+    assert sampler["model"] == [example.checkpoint, 0], "the base model draws the class pictures"
+    class_prompt = example.prompt[example.regularization]["inputs"]["class_prompt"]
+    assert example.prompt[sampler["positive"][0]]["inputs"]["text"] == class_prompt
+    assert example.prompt[example.regularization]["inputs"]["blank_count"] == 0
+    pictures = run.output(example.class_pictures)
+    regularization = run.output(example.regularization).dataset
+    batch = example.prompt[sampler["latent_image"][0]]["inputs"]["batch_size"]
+    assert pictures.shape[0] == len(regularization) == batch == 4
+    assert {regularization.caption(i, random.Random(0)) for i in range(len(regularization))} == {class_prompt}
+    first = regularization.pixels(0, flip=False)
+    assert torch.allclose((first.permute(1, 2, 0) + 1) / 2, pictures[0].float(), atol=1 / 255 + 1e-6)
 
 
 def test_cancel_mid_run_stops_cleanly_and_leaves_only_loadable_files(comfyui, tiny_checkpoint, caplog):
