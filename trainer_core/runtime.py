@@ -50,8 +50,7 @@ class Runtime:
 
     def state(self) -> dict:
         """What a resumed run must reuse to continue bit for bit."""
-        return {"autocast": None if self.autocast_dtype is None else str(self.autocast_dtype).split(".")[-1],
-                "threads": self.threads}
+        return {"autocast": _dtype_name(self.autocast_dtype), "threads": self.threads}
 
 
 @contextlib.contextmanager
@@ -62,8 +61,12 @@ def training_runtime(parts, job, config, resolution: int, resumed: Optional[dict
     try:
         try:
             probe = UNetProbe(parts, resolution)
-            threads = _threads(parts.device, probe, previous, (resumed or {}).get("threads"))
-            autocast = resolve_precision(config.precision, parts.device, probe, (resumed or {}).get("autocast"))
+            decided = _decided_before(parts, resolution, previous, config.precision)
+            resumed = resumed or decided or {}
+            threads = _threads(parts.device, probe, previous, resumed.get("threads"))
+            autocast = resolve_precision(config.precision, parts.device, probe, resumed.get("autocast"))
+            _DECIDED[_decision_key(parts, resolution, previous, config.precision)] = {
+                "threads": threads, "autocast": _dtype_name(autocast)}
             plan = plan_memory(parts, job, config.batch_size, resolution, autocast,
                                resolved_optimizer_name(config, parts.device), checkpointing=False)
             plan = choose_checkpointing(plan, check_setting(config.gradient_checkpointing))
@@ -72,6 +75,30 @@ def training_runtime(parts, job, config, resolution: int, resumed: Optional[dict
         yield Runtime(autocast_dtype=autocast, threads=threads, memory=plan)
     finally:
         torch.set_num_threads(previous)
+
+
+# Timings are noisy, so two runs of the same model in one process could time their way to different
+# threads or precision, and so to results that differ in the last bits. The first decision for a
+# model, resolution and setting is kept for the rest of the process: runs in one ComfyUI session (or
+# one test session) that should match bit for bit do.
+_DECIDED: dict = {}
+
+
+def _dtype_name(autocast_dtype: Optional[torch.dtype]) -> str:
+    return "float32" if autocast_dtype is None else str(autocast_dtype).split(".")[-1]
+
+
+def _decision_key(parts, resolution: int, previous_threads: int, precision: str) -> tuple:
+    unet = parts.unet
+    shapes = tuple((name, tuple(p.shape)) for name, p in unet.named_parameters())
+    return (type(unet).__name__, hash(shapes), str(parts.device), resolution, previous_threads, precision)
+
+
+def _decided_before(parts, resolution: int, previous_threads: int, precision: str) -> Optional[dict]:
+    decided = _DECIDED.get(_decision_key(parts, resolution, previous_threads, precision))
+    if decided is not None:
+        log.info("threads and precision as decided for this model earlier in this process")
+    return decided
 
 
 # -- precision ---------------------------------------------------------------------------------------
@@ -94,7 +121,7 @@ def resolve_precision(precision: str, device: torch.device, probe: Optional["UNe
     if not (device.type == "cpu" and cpu_has_native_bf16()):
         return None
     if resumed is not None:
-        log.info("precision auto: %s, as in the run being resumed", resumed)
+        log.info("precision auto: %s, as decided for this run before", resumed)
         return torch.bfloat16 if resumed == "bfloat16" else None
     if probe is None:
         return None
@@ -126,7 +153,7 @@ def _threads(device, probe, previous: int, resumed: Optional[int]) -> Optional[i
         return None
     if resumed:
         torch.set_num_threads(resumed)
-        log.info("training threads: %d, as in the run being resumed (ComfyUI/caller had %d)", resumed, previous)
+        log.info("training threads: %d, as decided for this run before (ComfyUI/caller had %d)", resumed, previous)
         return resumed
     candidates = sorted({1, max(1, previous // 2), previous})
     times = probe.compare({n: n for n in candidates}, THREAD_PROBE_LATENT, setup=torch.set_num_threads)
