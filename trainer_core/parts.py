@@ -35,7 +35,11 @@ class ModelParts:
     # kohya module name -> module, for every module a LoRA may patch (Linear or 1x1 Conv2d).
     unet_lora_targets: dict = field(default_factory=dict)
     text_encoder_lora_targets: dict = field(default_factory=dict)
+    # Where the UNet computes (its LoRAs and hypernetwork run there) and where the text encoder
+    # computes (None: the same device). With weights streamed from the CPU they differ from the
+    # weights' device.
     device: torch.device = torch.device("cpu")
+    text_encoder_device: Optional[torch.device] = None
     # Weights dtype of the frozen model (fp32 on CPU; fp16/bf16 on a GPU when asked).
     dtype: torch.dtype = torch.float32
     # Identifies the base model for file metadata and the training cache.
