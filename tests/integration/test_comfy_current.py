@@ -269,6 +269,43 @@ def test_adapters_are_placed_on_the_compute_device_not_the_weights_device(comfyu
     assert moves == [meta]
 
 
+def test_comparison_pictures_lora_and_hypernetwork_on_a_dynamic_model_equal_those_on_a_plain_one(
+        comfyui, tiny_checkpoint):
+    """What TriggerComparison / StepComparisonGrid (bridge.KSamplerPictures, bridge.apply_lora)
+    and ApplyHypernetwork (bridge.apply_hypernetwork) do, on a streamed model and on a plain one."""
+    from test_merge_node import random_lora_state_dict
+    bridge = comfyui.pack_module("nodes.comfy_bridge")
+    hypernetwork = comfyui.pack_module("trainer_core.adapters.hypernetwork")
+    patcher_class = streaming_patcher_class()
+    plain, streamed = fresh(comfyui), fresh(comfyui)
+    streamed.model = streaming_model(streamed.model, patcher_class)
+    streamed.clip = streaming_clip(streamed.clip, patcher_class)
+    lora = random_lora_state_dict(plain.model, plain.clip)
+    torch.manual_seed(0)
+    net = hypernetwork.Hypernetwork.for_unet(plain.model.model.diffusion_model, hypernetwork.HypernetworkConfig())
+    for parameter in net.parameters():
+        torch.nn.init.normal_(parameter, std=0.05)
+
+    def pictures(loaded):
+        pictures = bridge.KSamplerPictures(loaded.vae, 3, 2, 7.0, "euler", "normal", 64, 64, 2)
+        with torch.inference_mode():
+            with_lora = pictures.picture(*bridge.apply_lora(loaded.model, loaded.clip, lora), "skkmtn", "blurry")
+            with_hypernetwork = pictures.picture(bridge.apply_hypernetwork(loaded.model, net, 1.0), loaded.clip,
+                                                 "skkmtn", "blurry")
+        return with_lora, with_hypernetwork
+
+    expected, got = pictures(plain), pictures(streamed)
+    assert streamed.model.is_dynamic() and streamed.clip.is_dynamic()
+    assert not torch.equal(expected[0], expected[1]), "the LoRA and the hypernetwork each change the picture"
+    # A streamed layer adds the LoRA to its weight at each call, a plain one once, in place: the
+    # same sums in another order, which 2 sampling steps of the random tiny model magnify.
+    differences = [(mine - theirs).abs() for mine, theirs in zip(got, expected)]
+    print("largest, mean pixel difference (LoRA, hypernetwork):",
+          [(float(d.max()), float(d.mean())) for d in differences])
+    assert float(differences[0].max()) < 0.05 and float(differences[0].mean()) < 1e-3
+    assert float(differences[1].max()) < 1e-4
+
+
 def lazy_casting_param_class():
     """newest comfy/model_patcher.py LazyCastingParam: a Parameter holding the stored weight
     whose .to() returns the patched weight on the CPU (.detach() gives the stored one)."""
