@@ -12,8 +12,9 @@ running ComfyUI's own classes, and runs the pack's code through it:
   comfy/model_patcher.py @08d0e510, ModelPatcher.state_dict_for_saving,
   model_state_dict_for_saving and LazyCastingParam; comfy/model_base.py @26adb81a,
   BaseModel.state_dict_for_saving(self, unet_state_dict, clip_state_dict=None, ...);
-- progress: comfy/utils.py ProgressBar.update_absolute with PROGRESS_THROTTLE_MIN_INTERVAL /
-  PROGRESS_THROTTLE_MIN_PERCENT (first, final and preview updates always sent);
+- progress: comfy/utils.py @09708eae, ProgressBar.update_absolute with
+  PROGRESS_THROTTLE_MIN_INTERVAL = 0.1 and PROGRESS_THROTTLE_MIN_PERCENT = 0.5 (first, final
+  and preview updates always sent);
 - template files: app/custom_node_manager.py @fcd026bf, get_workflow_template_file (serves
   ".json" only), and server.py @002c3fb9, PromptServer.add_routes (custom nodes' routes first,
   each copied under /api).
@@ -401,8 +402,8 @@ def test_merge_builds_the_checkpoint_as_newer_save_checkpoint_does_with_the_patc
 
 def throttled_progress_bar_class():
     """newest comfy/utils.py ProgressBar.update_absolute: a first, a final and every preview
-    update reach the hook; others only after PROGRESS_THROTTLE_MIN_INTERVAL seconds and
-    PROGRESS_THROTTLE_MIN_PERCENT of progress (0.1 s and 0.5 % in the newest source)."""
+    update reach the hook; others only after PROGRESS_THROTTLE_MIN_INTERVAL (0.1 s) and
+    PROGRESS_THROTTLE_MIN_PERCENT (0.5 %) of progress."""
     import comfy.utils
     min_interval, min_percent = 0.1, 0.5
 
