@@ -10,7 +10,7 @@ running ComfyUI's own classes, and runs the pack's code through it:
   `in_training = False` under "Training Related State";
 - saving: comfy/sd.py @033046cc, save_checkpoint and CLIP.state_dict_for_saving;
   comfy/model_patcher.py @08d0e510, ModelPatcher.state_dict_for_saving,
-  model_state_dict_for_saving and LazyCastingParam; comfy/model_base.py @26adb81a,
+  model_state_dict_for_saving and LazyCastingParam; comfy/model_base.py @094c74c1,
   BaseModel.state_dict_for_saving(self, unet_state_dict, clip_state_dict=None, ...);
 - progress: comfy/utils.py @09708eae, ProgressBar.update_absolute with
   PROGRESS_THROTTLE_MIN_INTERVAL = 0.1 and PROGRESS_THROTTLE_MIN_PERCENT = 0.5 (first, final
@@ -331,6 +331,7 @@ def newest_saving(model, clip, patcher_class):
     """The MODEL and CLIP with newest ComfyUI's saving contract: ModelPatcher.state_dict_for_saving,
     CLIP.state_dict_for_saving, patched weights as LazyCastingParam, and BaseModel's new
     signature state_dict_for_saving(unet_state_dict, clip_state_dict=None, vae_state_dict=None, ...)."""
+    import comfy.model_base
     lazy = lazy_casting_param_class()
 
     def model_state_dict_for_saving(patcher, module, prefix=""):
@@ -356,7 +357,11 @@ def newest_saving(model, clip, patcher_class):
             extra.append(config.process_clip_state_dict_for_saving(clip_state_dict))
         if vae_state_dict is not None:
             extra.append(config.process_vae_state_dict_for_saving(vae_state_dict))
+        if clip_vision_state_dict is not None:
+            extra.append(config.process_clip_vision_state_dict_for_saving(clip_vision_state_dict))
         unet_state_dict = config.process_unet_state_dict_for_saving(unet_state_dict)
+        if base.model_type == comfy.model_base.ModelType.V_PREDICTION:
+            unet_state_dict["v_pred"] = torch.tensor([])
         for sd in extra:
             unet_state_dict.update(sd)
         return unet_state_dict
