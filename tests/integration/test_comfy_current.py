@@ -288,23 +288,25 @@ def test_comparison_pictures_lora_and_hypernetwork_on_a_dynamic_model_equal_thos
         torch.nn.init.normal_(parameter, std=0.05)
 
     def pictures(loaded):
-        pictures = bridge.KSamplerPictures(loaded.vae, 3, 2, 7.0, "euler", "normal", 64, 64, 2)
+        pictures = bridge.KSamplerPictures(loaded.vae, 3, 2, 7.0, "euler", "normal", 64, 64, 3)
         with torch.inference_mode():
+            base = pictures.picture(loaded.model, loaded.clip, "skkmtn", "blurry")
             with_lora = pictures.picture(*bridge.apply_lora(loaded.model, loaded.clip, lora), "skkmtn", "blurry")
             with_hypernetwork = pictures.picture(bridge.apply_hypernetwork(loaded.model, net, 1.0), loaded.clip,
                                                  "skkmtn", "blurry")
-        return with_lora, with_hypernetwork
+        return base, with_lora, with_hypernetwork
 
     expected, got = pictures(plain), pictures(streamed)
     assert streamed.model.is_dynamic() and streamed.clip.is_dynamic()
-    assert not torch.equal(expected[0], expected[1]), "the LoRA and the hypernetwork each change the picture"
+    assert not torch.equal(expected[0], expected[1]) and not torch.equal(expected[0], expected[2]), \
+        "the LoRA and the hypernetwork each change the picture"
     # A streamed layer adds the LoRA to its weight at each call, a plain one once, in place: the
     # same sums in another order, which 2 sampling steps of the random tiny model magnify.
     differences = [(mine - theirs).abs() for mine, theirs in zip(got, expected)]
-    print("largest, mean pixel difference (LoRA, hypernetwork):",
+    print("largest, mean pixel difference (base, LoRA, hypernetwork):",
           [(float(d.max()), float(d.mean())) for d in differences])
-    assert float(differences[0].max()) < 0.05 and float(differences[0].mean()) < 1e-3
-    assert float(differences[1].max()) < 1e-4
+    assert float(differences[0].max()) < 1e-4 and float(differences[2].max()) < 1e-4
+    assert float(differences[1].max()) < 0.05 and float(differences[1].mean()) < 1e-3
 
 
 def lazy_casting_param_class():
