@@ -471,14 +471,10 @@ class HypernetworkPatch:
         import copy
         self.hypernetwork = copy.deepcopy(hypernetwork).eval().requires_grad_(False)
         self.strength = float(strength)
-        self.widths = set(self.hypernetwork.widths)
 
     def __call__(self, q, k, v, extra_options):
-        width = k.shape[-1]
-        if width not in self.widths:
-            return q, k, v  # as core: widths the hypernetwork lacks are left alone
-        k_net, v_net = self.hypernetwork.pair(width)
-        return q, k_net(k.float(), self.strength).to(k.dtype), v_net(v.float(), self.strength).to(v.dtype)
+        # The same transform the trainer's hooks apply.
+        return q, self.hypernetwork.transform(k, 0, self.strength), self.hypernetwork.transform(v, 1, self.strength)
 
     def to(self, device_or_dtype):
         # ComfyUI calls this with the load device and then with the model's dtype.

@@ -7,7 +7,7 @@ import numpy as np
 from comfy_api.latest import io
 from PIL import Image
 
-from ..trainer_core.dataset import DatasetConfig, ImageDataset, regularization_set
+from ..trainer_core.dataset import FOLLOW_DATASET_RESOLUTION, DatasetConfig, ImageDataset, regularization_set
 from ..trainer_core.errors import TrainerInputError
 from .types import RegularizationSet, TrainingDataset
 
@@ -207,8 +207,9 @@ class RegImages(io.ComfyNode):
                     tooltip="How much these pictures count compared with your subject's pictures. 1.0 "
                             "is the usual value; lower it if the subject learns too slowly."),
                 io.Int.Input(
-                    "resolution", default=512, min=64, max=2048, step=64,
-                    tooltip="The size these pictures are trained at: use the same value as LoadDataset."),
+                    "resolution", default=FOLLOW_DATASET_RESOLUTION, min=0, max=2048, step=64,
+                    tooltip="The size these pictures are trained at. 0 (the default): the same as "
+                            "LoadDataset's resolution, which is almost always right."),
                 io.Boolean.Input(
                     "use_caption_files", default=False,
                     tooltip="On: a folder picture with a caption file (same name, .txt) is trained with "
@@ -248,7 +249,8 @@ class RegImages(io.ComfyNode):
 
     @classmethod
     def _regularization(cls, class_prompt="", folder=NO_FOLDER, blank_count=0, prior_loss_weight=1.0,
-                        resolution=512, use_caption_files=False, folder_path="", images=None):
+                        resolution=FOLLOW_DATASET_RESOLUTION, use_caption_files=False, folder_path="",
+                        images=None):
         return regularization_set(
             folder=resolve_folder(folder, folder_path) or None,
             images=None if images is None else to_pil_images(images),

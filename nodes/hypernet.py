@@ -11,18 +11,17 @@ from ..trainer_core.adapters.hypernetwork import ACTIVATIONS, WEIGHT_INITIALIZAT
 from ..trainer_core.config import LATENT_SAMPLING, OPTIMIZERS
 from ..trainer_core.errors import TrainerInputError
 from ..trainer_core.prompt_templates import available_templates
-from .lora import MAX_SEED
 from .merge import file_fingerprint
-from .training_inputs import batch_inputs, memory_inputs, replace_inputs
+from .training_inputs import (batch_inputs, memory_inputs, model_and_data_inputs, replace_inputs,
+                              seed_and_save_inputs)
 from .training_run import image_tensor, run_training, saved_name
-from .types import RegularizationSet, TrainingDataset
+from .types import NONE
 
 log = logging.getLogger(__name__)
 
 # The trained trainer_core Hypernetwork object (eval mode). No core node has this socket.
 Hypernetwork = io.Custom("HYPERNETWORK")
 
-NONE = "none"
 CAPTIONS_ONLY = "none (captions)"
 HYPERNETWORK_SUFFIX = ".pt"
 
@@ -78,17 +77,7 @@ class HypernetTrain(io.ComfyNode):
                 "Queueing it again with the same settings and pictures loads the saved file instead "
                 "of training again."),
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x model to train on, from a checkpoint loader."),
-                io.Clip.Input("clip", tooltip="The text encoder (CLIP) from the same checkpoint loader; "
-                                              "it turns the captions into what the model reads. It is "
-                                              "not trained."),
-                io.Vae.Input("vae", tooltip="The VAE from the same checkpoint loader; it turns the "
-                                            "training pictures into the model's latent space."),
-                TrainingDataset.Input("dataset", tooltip="The pictures and captions from LoadDataset."),
-                RegularizationSet.Input(
-                    "regularization", optional=True,
-                    tooltip="Optional: class pictures from RegImages, trained alongside so the model "
-                            "keeps drawing the ordinary class the way it did."),
+                *model_and_data_inputs(),
                 io.String.Input(
                     "output_name", default="skkmtn_hypernet",
                     tooltip="File name of the hypernetwork in models/hypernetworks (.pt is added). "
@@ -152,18 +141,7 @@ class HypernetTrain(io.ComfyNode):
                     tooltip="once: each picture is encoded one time to the VAE's most likely latent (as "
                             "VAE Encode does) and reused (fast). random: a fresh latent is drawn from "
                             "the VAE every time the picture is used (A1111's 'random' option; slower)."),
-                io.Int.Input(
-                    "seed", default=0, min=0, max=MAX_SEED, control_after_generate=False,
-                    tooltip="Makes training repeatable: the same seed, settings and pictures give the "
-                            "same hypernetwork (and let a re-queue reuse the saved file)."),
-                io.Int.Input(
-                    "save_every_steps", default=0, min=0, max=1000000,
-                    tooltip="Also save the hypernetwork every this many steps (<output_name>_<step>.pt), "
-                            "to pick the best one or resume later. 0 = only the final file."),
-                io.Int.Input(
-                    "sample_every_steps", default=0, min=0, max=1000000,
-                    tooltip="Show a sample picture of '<instance_token> <class_token>' beside the loss "
-                            "chart every this many steps (costs time). 0 = loss chart only."),
+                *seed_and_save_inputs(),
                 io.Combo.Input(
                     "resume_from", options=[NONE] + saved_hypernetworks(), default=NONE,
                     tooltip="Continue training a hypernetwork from models/hypernetworks (one saved by "

@@ -4,12 +4,11 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..trainer_core.config import LR_SCHEDULERS, OPTIMIZERS
-from .training_inputs import batch_inputs, memory_inputs, replace_inputs
+from .training_inputs import (batch_inputs, memory_inputs, model_and_data_inputs, replace_inputs,
+                              seed_and_save_inputs)
 from .training_run import image_tensor, run_training, saved_name
-from .types import RegularizationSet, TrainingDataset
+from .types import NONE
 
-NO_RESUME = "none"
-MAX_SEED = 2 ** 32 - 1
 
 
 def lora_folder() -> str:
@@ -24,7 +23,7 @@ def resumable_loras() -> list:
 
 
 def resume_path(choice: str) -> str:
-    if choice == NO_RESUME:
+    if choice == NONE:
         return ""
     import folder_paths
     return folder_paths.get_full_path_or_raise("loras", choice)
@@ -43,15 +42,7 @@ class LoRATrain(io.ComfyNode):
                 "a KSampler after it shows the result at once. Queueing it again with the same "
                 "settings and pictures loads the saved file instead of training again."),
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x model to train on, from a checkpoint loader."),
-                io.Clip.Input("clip", tooltip="The text encoder (CLIP) from the same checkpoint loader."),
-                io.Vae.Input("vae", tooltip="The VAE from the same checkpoint loader; it turns the "
-                                            "training pictures into the model's latent space."),
-                TrainingDataset.Input("dataset", tooltip="The pictures and captions from LoadDataset."),
-                RegularizationSet.Input(
-                    "regularization", optional=True,
-                    tooltip="Optional: class pictures from RegImages, trained alongside so the model "
-                            "still draws the ordinary class without your instance token."),
+                *model_and_data_inputs(),
                 io.String.Input(
                     "output_name", default="skkmtn_lora",
                     tooltip="File name of the LoRA in models/loras (.safetensors is added). "
@@ -94,20 +85,9 @@ class LoRATrain(io.ComfyNode):
                     "warmup_steps", default=0, min=0, max=100000,
                     tooltip="Steps at the start during which the learning rate rises from 0. 0 = none."),
                 *memory_inputs(),
-                io.Int.Input(
-                    "seed", default=0, min=0, max=MAX_SEED, control_after_generate=False,
-                    tooltip="Makes training repeatable: the same seed, settings and pictures give the "
-                            "same LoRA (and let a re-queue reuse the saved file)."),
-                io.Int.Input(
-                    "save_every_steps", default=0, min=0, max=100000,
-                    tooltip="Also save the LoRA every this many steps (<output_name>_<step>), to pick "
-                            "the best one or resume later. 0 = only the final file."),
-                io.Int.Input(
-                    "sample_every_steps", default=0, min=0, max=100000,
-                    tooltip="Show a sample picture of '<instance_token> <class_token>' beside the loss "
-                            "chart every this many steps (costs time). 0 = loss chart only."),
+                *seed_and_save_inputs(),
                 io.Combo.Input(
-                    "resume_from", options=[NO_RESUME] + resumable_loras(), default=NO_RESUME,
+                    "resume_from", options=[NONE] + resumable_loras(), default=NONE,
                     tooltip="Continue training from a LoRA saved earlier by this node (e.g. an "
                             "intermediate save), up to 'steps' in total. none = start fresh."),
                 *replace_inputs(),

@@ -1,24 +1,18 @@
 """MergeLoRAToCkpt: bake a LoRA into the model's weights and save a single-file SD1.x checkpoint."""
 from __future__ import annotations
 
-import logging
 import os
 
-import torch
 from comfy_api.latest import io
 
 from ..trainer_core.errors import TrainerInputError
+from ..trainer_core.merge import SAVE_PRECISIONS
 from .training_run import saved_name
+from .types import NONE
 
-log = logging.getLogger(__name__)
 
-NONE = "none"
 CHECKPOINT_SUFFIX = ".safetensors"
-SAVE_PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}
 FROM_WORKFLOW = "LORA_MODEL from the workflow"
-# Metadata that decides what a merged file contains (the title and the base's file name do not).
-SAME_MERGE_KEYS = ("merge.base_model_hash", "merge.lora_hash", "merge.strength_model", "merge.strength_clip",
-                   "merge.precision")
 
 
 def checkpoint_folder() -> str:
@@ -45,67 +39,6 @@ def file_fingerprint(kind: str, name: str) -> str:
         return name  # the node's execute reports the missing file
     stat = os.stat(path)
     return f"{path} {stat.st_size} {stat.st_mtime_ns}"
-
-
-def cast_for_saving(state_dict: dict, precision: str) -> dict:
-    """Floating-point tensors in the chosen precision; integer tensors (position ids) as they are."""
-    dtype = SAVE_PRECISIONS[precision]
-    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
-
-
-def merge_metadata(title, base_model, base_model_hash, lora_name, lora_hash, strength_model, strength_clip,
-                   precision) -> dict:
-    """What the file was made from; A1111 and ComfyUI show the modelspec keys."""
-    return {
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1",
-        "modelspec.title": title,
-        "merge.base_model": base_model,
-        "merge.base_model_hash": base_model_hash,
-        "merge.lora": lora_name,
-        "merge.lora_hash": lora_hash,
-        "merge.strength_model": f"{strength_model:g}",
-        "merge.strength_clip": f"{strength_clip:g}",
-        "merge.precision": precision,
-    }
-
-
-def _lora_hash(lora_state_dict) -> str:
-    from ..trainer_core.formats import lora_file_hashes
-    tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict.items()}
-    return lora_file_hashes(tensors, {})[0]  # the file's sshs_model_hash: sha256 of its tensor bytes
-
-
-def _check_may_write(path, metadata, overwrite) -> bool:
-    """True when an existing file at `path` is this very merge (a re-queue after a restart) and
-    is kept as it is; raises when it is another file and overwrite is off."""
-    if overwrite or not os.path.exists(path):
-        return False
-    if not _made_from(path, metadata):
-        raise TrainerInputError(
-            f"{path} already exists (not merged from this model, LoRA and settings). Choose another "
-            f"output_name, or turn on overwrite to replace it.")
-    log.info("%s was already merged from the same model, LoRA and settings; not written again", path)
-    return True
-
-
-def _made_from(path, metadata) -> bool:
-    """Whether the checkpoint at `path` was merged from the same base, LoRA, strengths and
-    precision (a re-queue after a restart), so keeping it is not overwriting anything."""
-    from safetensors import safe_open
-    try:
-        with safe_open(path, framework="pt") as f:
-            saved = f.metadata() or {}
-    except Exception:  # not ours, or not a safetensors file at all
-        return False
-    return all(saved.get(key) == metadata[key] for key in SAME_MERGE_KEYS)
-
-
-def _save(path, state_dict, metadata, overwrite):
-    from safetensors.torch import save_file
-
-    from ..trainer_core.formats import atomic_write
-    atomic_write(path, lambda tmp: save_file(state_dict, tmp, metadata), overwrite=overwrite)
 
 
 class MergeLoRAToCkpt(io.ComfyNode):
@@ -181,7 +114,7 @@ class MergeLoRAToCkpt(io.ComfyNode):
     def execute(cls, model, clip, vae, lora_name, strength_model, strength_clip, output_name, save_precision,
                 save_file, overwrite, lora=None) -> io.NodeOutput:
         from ..trainer_core.formats import safe_output_path
-        from ..trainer_core.merge import merge_lora
+        from ..trainer_core.merge import lora_hash, merge_into_checkpoint, merge_metadata
         from . import comfy_bridge as bridge
 
         bridge.check_sd1(model)
@@ -190,23 +123,16 @@ class MergeLoRAToCkpt(io.ComfyNode):
         lora_state_dict, lora_label = cls._lora(lora, lora_name)
 
         state_dict = bridge.checkpoint_state_dict(model, clip, vae)
-        metadata, keep_existing = None, False
+        metadata = None
         if save_file:
             metadata = merge_metadata(
                 os.path.splitext(os.path.basename(path))[0],
                 bridge.checkpoint_name(cls.hidden.prompt, cls.hidden.unique_id),
                 # Hashed now, while the live weights hold what was just copied (patches included).
                 bridge.base_model_hash(model, clip, vae),
-                lora_label, _lora_hash(lora_state_dict), strength_model, strength_clip, save_precision)
-            keep_existing = _check_may_write(path, metadata, overwrite)
-        merged = merge_lora(state_dict, lora_state_dict, bridge.checkpoint_lora_keys(model, clip),
-                            strength_model, strength_clip)
-        # The outputs are built from exactly what is (or would be) saved, so they generate like
-        # Load Checkpoint on the file.
-        merged = cast_for_saving(merged, save_precision)
-        if save_file and not keep_existing:
-            _save(path, merged, metadata, overwrite)
-            log.info("saved merged checkpoint %s", path)
+                lora_label, lora_hash(lora_state_dict), strength_model, strength_clip, save_precision)
+        merged = merge_into_checkpoint(state_dict, lora_state_dict, bridge.checkpoint_lora_keys(model, clip),
+                                       strength_model, strength_clip, save_precision, path, metadata, overwrite)
         ckpt_name = saved_name(path, folder) if save_file else ""
         merged_model, merged_clip = bridge.models_from_checkpoint_state_dict(merged)
         return io.NodeOutput(merged_model, merged_clip, ckpt_name)

@@ -17,12 +17,12 @@ from comfy_api.latest import io
 from ..trainer_core.dataset import mentions
 from ..trainer_core.errors import TrainerInputError
 from .training_run import image_tensor
+from .types import MAX_SEED
 
 DEFAULT_PROMPT = "skkmtn, orange round creature"
 DEFAULT_TOKEN = "skkmtn"
 DEFAULT_NEGATIVE = "blurry, lowres, text, watermark"
 DEFAULT_SAMPLER, DEFAULT_SCHEDULER = "euler", "normal"
-MAX_SEED = 0xffffffffffffffff  # KSampler's range
 MAX_SIZE = 4096
 TRIGGER_COLUMNS = ("trained, with token", "trained, no token", "base, with token")
 

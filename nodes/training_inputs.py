@@ -2,6 +2,39 @@
 from comfy_api.latest import io
 
 from ..trainer_core.config import PRECISIONS
+from .types import MAX_SEED, RegularizationSet, TrainingDataset
+
+
+def model_and_data_inputs() -> list:
+    return [
+        io.Model.Input("model", tooltip="The SD1.x model to train on, from a checkpoint loader."),
+        io.Clip.Input("clip", tooltip="The text encoder (CLIP) from the same checkpoint loader; it turns the "
+                                      "captions into what the model reads."),
+        io.Vae.Input("vae", tooltip="The VAE from the same checkpoint loader; it turns the "
+                                    "training pictures into the model's latent space."),
+        TrainingDataset.Input("dataset", tooltip="The pictures and captions from LoadDataset."),
+        RegularizationSet.Input(
+            "regularization", optional=True,
+            tooltip="Optional: class pictures from RegImages, trained alongside so the model "
+                    "still draws the ordinary class without your instance token."),
+    ]
+
+
+def seed_and_save_inputs() -> list:
+    return [
+        io.Int.Input(
+            "seed", default=0, min=0, max=MAX_SEED, control_after_generate=False,
+            tooltip="Makes training repeatable: the same seed, settings and pictures give the "
+                    "same file (and let a re-queue reuse it)."),
+        io.Int.Input(
+            "save_every_steps", default=0, min=0, max=1000000,
+            tooltip="Also save the file every this many steps (<output_name>_<step>), to pick "
+                    "the best one or resume later. 0 = only the final file."),
+        io.Int.Input(
+            "sample_every_steps", default=0, min=0, max=1000000,
+            tooltip="Show a sample picture of '<instance_token> <class_token>' beside the loss "
+                    "chart every this many steps (costs time). 0 = loss chart only."),
+    ]
 
 
 def batch_inputs() -> list:

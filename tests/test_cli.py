@@ -5,6 +5,7 @@ The tiny model is built once per module and handed to the CLI in place of a fres
 same weights), so each run costs only its training steps.
 """
 import json
+import logging
 import os
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from trainer_core import cli
 from trainer_core.adapters.hypernetwork import load_hypernetwork
 from trainer_core.backends import diffusers as backend
 from trainer_core.cli import main
@@ -48,7 +50,9 @@ def adapter_files(folder):
 # --- main paths --------------------------------------------------------------------------------
 
 
-def test_run_without_a_model_trains_the_tiny_model_and_writes_lora_chart_and_samples(model, tmp_path, capsys):
+def test_run_without_a_model_trains_the_tiny_model_and_writes_lora_chart_and_samples(model, tmp_path, capsys,
+                                                                                     caplog):
+    caplog.set_level(logging.INFO, logger="trainer_core")
     assert train(tmp_path, "--steps", "30") == 0
     assert len(model) == 1, "no --model: the tiny built-in model"
     assert sorted(os.listdir(tmp_path)) == ["skkmtn_lora.safetensors", "skkmtn_lora.safetensors.trainstate",
@@ -60,16 +64,81 @@ def test_run_without_a_model_trains_the_tiny_model_and_writes_lora_chart_and_sam
     with Image.open(tmp_path / "skkmtn_lora_loss.png") as chart:
         chart.verify()
     printed = capsys.readouterr().out
-    assert "saved" in printed and "loss chart" in printed and "before/after samples" in printed
+    assert "loss chart" in printed and "before/after samples" in printed
+    saves = [r.getMessage() for r in caplog.records if r.getMessage().startswith("saved ")]
+    assert saves == [f"saved {tmp_path / 'skkmtn_lora.safetensors'} (step 30)"], "each save is reported once"
 
 
-def test_second_identical_run_is_a_cache_hit(model, tmp_path, capsys):
+def test_second_identical_run_is_a_cache_hit_said_once_with_no_save_bar_or_samples(model, tmp_path, capsys,
+                                                                                    caplog, monkeypatch):
     assert train(tmp_path, "--steps", "5") == 0
-    before = (tmp_path / "skkmtn_lora.safetensors").read_bytes()
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
     capsys.readouterr()
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="trainer_core")
+    sampled = []
+    monkeypatch.setattr(cli, "sample_images", lambda *args, **kwargs: sampled.append(args))
     assert train(tmp_path, "--steps", "5") == 0
-    assert "already trained with these settings" in capsys.readouterr().out
-    assert (tmp_path / "skkmtn_lora.safetensors").read_bytes() == before
+    out, err = capsys.readouterr()
+    logged = [r.getMessage() for r in caplog.records]
+    # (under pytest the log record also reaches stderr through tqdm's logging redirect)
+    assert sum("already trained" in line for line in logged + out.splitlines()) == 1
+    assert err.count("already trained") <= 1
+    assert "--force-retrain" in next(line for line in logged if "already trained" in line)
+    assert not any(line.startswith("saved") for line in logged + out.splitlines())
+    assert "training:" not in err and "step/s" not in err, "no progress bar when nothing trains"
+    assert sampled == [], "the before/after grid beside the file is reused"
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+
+
+def test_finished_run_continues_with_more_steps_without_overwrite(model, tmp_path, caplog):
+    assert train(tmp_path, "--steps", "4", "--save-every", "2") == 0
+    final = tmp_path / "skkmtn_lora.safetensors"
+    first_save = (tmp_path / "skkmtn_lora_2.safetensors").read_bytes()
+    caplog.set_level(logging.INFO, logger="trainer_core")
+    assert train(tmp_path, "--steps", "8", "--save-every", "2", "--resume", str(final)) == 0
+    assert load_lora(final)[1]["ss_steps"] == "8"
+    assert load_lora(tmp_path / "skkmtn_lora_6.safetensors")[1]["ss_steps"] == "6"
+    assert (tmp_path / "skkmtn_lora_2.safetensors").read_bytes() == first_save, "steps before the resume stay"
+    assert any("steps 5..8" in r.getMessage() for r in caplog.records)
+
+
+def test_another_run_under_the_same_name_still_needs_overwrite(model, tmp_path, capsys):
+    assert train(tmp_path, "--steps", "2") == 0
+    assert train(tmp_path, "--steps", "2", "--lr", "0.002") == 2
+    error = capsys.readouterr().err
+    assert "--overwrite" in error and "--resume" not in error
+    assert train(tmp_path, "--steps", "4") == 2
+    assert "It is this training at step 2: to train it further, set --resume to it" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("adapter", ["lora", "hypernetwork"])
+def test_every_file_a_run_writes_is_readable_by_other_users(model, tmp_path, adapter):
+    previous = os.umask(0o022)
+    try:
+        assert train(tmp_path, "--adapter", adapter, "--steps", "4", "--save-every", "2") == 0
+    finally:
+        os.umask(previous)
+    modes = {name: oct(os.stat(tmp_path / name).st_mode & 0o777) for name in os.listdir(tmp_path)}
+    kinds = {os.path.splitext(name)[1] for name in modes}
+    assert kinds >= {".trainstate", ".png"} | ({".safetensors"} if adapter == "lora" else {".pt", ".optim"})
+    assert set(modes.values()) == {"0o644"}, modes
+
+
+def test_help_gives_every_flag_a_line_and_its_default(capsys):
+    from trainer_core.cli import CLI_FLAGS, build_parser
+    parser = build_parser()
+    train_parser = parser._subparsers._group_actions[0].choices["train"]
+    text = train_parser.format_help()
+    for action in train_parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings[0]} has no help line"
+            assert "default" in action.help or action.default not in (None, ""), action.option_strings[0]
+    assert "(default: runs)" in text and "default: 1400" in text
+    assert "DIFFERENT" in " ".join(text.split()) and "exactly these settings" in " ".join(text.split())
+    flags = {s for action in train_parser._actions for s in action.option_strings}
+    assert set(CLI_FLAGS.values()) <= flags, "every flag a message names exists"
 
 
 def test_hypernetwork_adapter_writes_an_a1111_file_chart_and_samples(model, tmp_path):
@@ -97,37 +166,46 @@ def lora_file(folder):
     return path
 
 
+# (flags, what the one error line must say, the node's field name it must not use instead)
 BAD_OPTIONS = {
-    "steps_zero": (["--steps", "0"], "steps"),
-    "steps_negative": (["--steps", "-5"], "steps"),
-    "lr_zero": (["--lr", "0"], "learning_rate"),
-    "lr_negative": (["--lr=-0.001"], "learning_rate"),
-    "lr_nan": (["--lr", "nan"], "learning_rate"),
-    "resolution": (["--resolution", "100"], "resolution"),
-    "rank_zero": (["--rank", "0"], "rank"),
-    "rank_too_large": (["--rank", "4096"], "rank"),
-    "batch_larger_than_dataset": (["--batch-size", "99"], "batch_size"),
-    "save_every_negative": (["--save-every", "-1"], "save_every_steps"),
-    "layer_structure": (["--adapter", "hypernetwork", "--layer-structure", "2,1"], "layer_structure"),
-    "activation": (["--adapter", "hypernetwork", "--activation", "gelu"], "activation"),
-    "data_missing": (["--data", "{tmp}/nowhere", "--token", "skkmtn"], "{tmp}/nowhere does not exist"),
-    "no_token": (["--data", "{tmp}"], "instance_token"),
-    "resume_missing": (["--resume", "{tmp}/gone.safetensors"], "resume_from"),
-    "model_missing": (["--model", "{tmp}/nowhere.safetensors"], "does not exist"),
-    "model_is_a_lora": (["--model", "{lora}"], "LoRA"),
-    "model_is_sdxl": (["--model", "{sdxl}"], "SDXL"),
+    "steps_zero": (["--steps", "0"], "--steps must be", None),
+    "steps_negative": (["--steps", "-5"], "--steps must be", None),
+    "lr_zero": (["--lr", "0"], "--lr must be", "learning_rate"),
+    "lr_negative": (["--lr=-0.001"], "--lr must be", "learning_rate"),
+    "lr_nan": (["--lr", "nan"], "--lr must be", "learning_rate"),
+    "resolution": (["--resolution", "100"], "--resolution 100", None),
+    "rank_zero": (["--rank", "0"], "--rank must be", None),
+    "rank_too_large": (["--rank", "4096"], "set --rank to", None),
+    "batch_larger_than_dataset": (["--batch-size", "99"], "lower --batch-size", "batch_size"),
+    "save_every_negative": (["--save-every", "-1"], "--save-every must be", "save_every_steps"),
+    "layer_structure": (["--adapter", "hypernetwork", "--layer-structure", "2,1"], "--layer-structure '2,1'",
+                        "layer_structure"),
+    "activation": (["--adapter", "hypernetwork", "--activation", "gelu"], "--activation 'gelu'", None),
+    "data_missing": (["--data", "{tmp}/nowhere", "--token", "skkmtn"], "--data {tmp}/nowhere does not exist",
+                     None),
+    "data_missing_before_token": (["--data", "{tmp}/nowhere"], "--data {tmp}/nowhere does not exist",
+                                  "instance_token"),
+    "no_token": (["--data", "{tmp}"], "--token is empty", "instance_token"),
+    "resume_missing": (["--resume", "{tmp}/gone.safetensors"], "--resume: ", "resume_from"),
+    "reg_data_missing": (["--reg-data", "{tmp}/noreg", "--class-prompt", "a girl"],
+                         "--reg-data {tmp}/noreg does not exist", None),
+    "model_missing": (["--model", "{tmp}/nowhere.safetensors"], "does not exist", None),
+    "model_is_a_lora": (["--model", "{lora}"], "LoRA", None),
+    "model_is_sdxl": (["--model", "{sdxl}"], "SDXL", None),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_OPTIONS))
 def test_bad_option_exits_2_naming_the_option(model, tmp_path, capsys, case):
-    args, expected = BAD_OPTIONS[case]
+    args, expected, node_name = BAD_OPTIONS[case]
     places = {"tmp": str(tmp_path), "lora": str(lora_file(tmp_path)), "sdxl": str(sdxl_file(tmp_path))}
     out = tmp_path / "out"
     assert train(out, *[a.format(**places) for a in args]) == 2
     error = capsys.readouterr().err
     messages = [line for line in error.splitlines() if line.startswith("error: ")]
     assert len(messages) == 1 and expected.format(**places) in messages[0], error
+    if node_name:
+        assert node_name not in messages[0], "the CLI names its flags, not the node's fields"
     assert "Traceback" not in error
     assert adapter_files(out) == []
 
@@ -173,7 +251,7 @@ def test_bad_options_are_refused_before_the_model_loads(monkeypatch, tmp_path, c
 
     monkeypatch.setattr(backend, "tiny_parts", no_model)
     assert train(tmp_path, "--steps", "0") == 2
-    assert "steps" in capsys.readouterr().err
+    assert "--steps" in capsys.readouterr().err
 
 
 

@@ -160,7 +160,7 @@ def test_bucket_keeps_the_aspect_ratio_within_the_pixel_budget(tmp_path):
     dataset = ImageDataset.from_folder(config(tmp_path, resolution=512))
     for index, name in enumerate(["tall.png", "wide.png"]):
         assert dataset.items[index].name == name
-    (tw, th), (ww, wh) = dataset.bucket(0), dataset.bucket(1)
+    (tw, th), (ww, wh) = dataset.items[0].bucket, dataset.items[1].bucket
     assert ww > wh and abs(ww / wh - 1.5) < 0.1 and ww * wh <= 512 * 512
     assert (th, tw) == (ww, wh)
     assert ww % 64 == 0 and wh % 64 == 0
@@ -249,7 +249,7 @@ def test_exif_orientation_turns_the_image_upright(tmp_path):
     exif[0x0112] = 6                                     # shown rotated 90 degrees clockwise
     image.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
     dataset = ImageDataset.from_folder(config(tmp_path, resolution=128))
-    width, height = dataset.bucket(0)
+    width, height = dataset.items[0].bucket
     assert height > width
     pixels = dataset.pixels(0, flip=False)
     top, bottom = rgb_of(pixels[:, : height // 3]), rgb_of(pixels[:, -height // 3:])
@@ -429,11 +429,11 @@ def test_repeats_expand_the_epoch_and_batches_never_mix_buckets(tmp_path):
     for i in range(2):
         save_image(tmp_path, f"wide{i}.png", size=(384, 256))
     dataset = ImageDataset.from_folder(config(tmp_path, resolution=256, repeats=3))
-    assert len({dataset.bucket(i) for i in range(len(dataset))}) == 2
+    assert len({dataset.items[i].bucket for i in range(len(dataset))}) == 2
     batches = dataset.epoch_batches(2, random.Random(0))
     flat = sorted(i for batch in batches for i in batch)
     assert flat == sorted(list(range(5)) * 3)
-    assert all(len({dataset.bucket(i) for i in batch}) == 1 for batch in batches)
+    assert all(len({dataset.items[i].bucket for i in batch}) == 1 for batch in batches)
     assert all(1 <= len(batch) <= 2 for batch in batches)
     assert batches == dataset.epoch_batches(2, random.Random(0))
     assert batches != dataset.epoch_batches(2, random.Random(1))
@@ -486,6 +486,17 @@ def test_regularization_folder_images_all_use_the_class_prompt(tmp_path):
     assert {reg.dataset.caption(i, random.Random(0)) for i in range(3)} == {"a girl"}
     assert reg.dataset.pixels(0, flip=False).shape == (3, 64, 64)
     assert any("use_caption_files" in warning for warning in reg.dataset.warnings)
+
+
+def test_regularization_resolution_0_follows_the_dataset_and_a_size_given_stays(tmp_path):
+    save_image(tmp_path, "a.png", size=(256, 256))
+    dataset = ImageDataset.from_folder(DatasetConfig(folder=str(tmp_path), instance_token="skkmtn", resolution=128))
+    following = regularization_set(folder=str(tmp_path), class_prompt="a girl", blank_count=1, resolution=0)
+    resized = following.for_dataset(dataset)
+    assert resized.dataset.config.resolution == 128 and resized.prior_loss_weight == following.prior_loss_weight
+    assert [resized.dataset.pixels(i, flip=False).shape for i in range(2)] == [(3, 128, 128)] * 2
+    fixed = regularization_set(folder=str(tmp_path), class_prompt="a girl", blank_count=1, resolution=64)
+    assert fixed.for_dataset(dataset) is fixed
 
 
 def test_regularization_caption_files_are_used_as_written_when_asked(tmp_path):

@@ -65,6 +65,19 @@ def test_written_file_gets_the_usual_permissions(tmp_path):
     assert os.stat(tmp_path / "out.txt").st_mode & 0o777 == 0o644
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_a_file_its_writer_makes_private_still_gets_the_umask_mode(tmp_path, umask, mode):
+    # safetensors replaces the file it writes with a 0600 one; A1111 or ComfyUI running as
+    # another user could not read such a LoRA.
+    previous = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "out.safetensors", lambda tmp: save_file({"x": torch.zeros(2)}, tmp))
+    finally:
+        os.umask(previous)
+    assert os.stat(tmp_path / "out.safetensors").st_mode & 0o777 == mode
+
+
 @pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, error):
     target = tmp_path / "out.txt"
@@ -145,7 +158,7 @@ def test_output_names_are_cleaned_into_the_folder(tmp_path, name, expected):
 
 @pytest.mark.parametrize("name", ["", "   ", "..", "/", "...", ". .", None])
 def test_output_names_without_usable_characters_are_refused(tmp_path, name):
-    with pytest.raises(TrainerInputError, match="output name"):
+    with pytest.raises(TrainerInputError, match="output_name"):
         safe_output_path(tmp_path, name, ".safetensors")
 
 

@@ -185,26 +185,11 @@ def test_saved_weights_load_into_a_fresh_network_with_the_same_outputs():
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
 
 
-def test_network_built_from_a_file_uses_the_file_rank_and_alpha():
+def test_file_of_another_rank_is_refused_naming_both_ranks():
     model, network = make(rank=2, alpha=0.5)
-    randomize_up(network)
     state = network.kohya_state_dict(torch.float32)
-    with pytest.raises(TrainerInputError, match="rank 2 but this network has rank 4"):
+    with pytest.raises(TrainerInputError, match="rank 2 but this network has rank 4.*set rank to 2"):
         LoRANetwork(*targets(model), LoRAConfig(rank=4, train_text_encoder=True)).load_kohya_state_dict(state)
-    rebuilt = LoRANetwork.from_kohya_state_dict(state, *targets(model))
-    assert rebuilt.config.rank == 2 and rebuilt.config.alpha == 0.5 and rebuilt.config.train_text_encoder
-    x, tokens = inputs()
-    with network.attached():
-        expected = outputs(model, x, tokens)
-    with rebuilt.attached():
-        got = outputs(model, x, tokens)
-    assert all(torch.equal(a, b) for a, b in zip(expected, got))
-
-
-def test_unet_only_file_builds_a_unet_only_network():
-    model, network = make(train_text_encoder=False)
-    rebuilt = LoRANetwork.from_kohya_state_dict(network.kohya_state_dict(), *targets(model))
-    assert not rebuilt.config.train_text_encoder and set(rebuilt.loras()) == set(network.loras())
 
 
 def test_rank_larger_than_a_layer_is_refused_naming_rank_and_size():
@@ -278,8 +263,6 @@ def test_wrong_kind_of_file_is_refused_saying_what_it_looks_like(state, kind):
     with pytest.raises(TrainerInputError, match=kind) as info:
         network.load_kohya_state_dict(state)
     assert "expected" in str(info.value)
-    with pytest.raises(TrainerInputError, match=kind):
-        LoRANetwork.from_kohya_state_dict(state, *targets(model))
 
 
 def test_file_for_other_layers_lists_unmatched_names():
@@ -309,8 +292,8 @@ def test_missing_alpha_means_scale_one_like_kohya():
     model, network = make(rank=4, alpha=2.0)
     randomize_up(network)
     state = {k: v for k, v in network.kohya_state_dict(torch.float32).items() if not k.endswith(".alpha")}
-    rebuilt = LoRANetwork.from_kohya_state_dict(state, *targets(model))
-    assert all(float(lora.alpha) == 4.0 for lora in rebuilt.loras().values())
+    network.load_kohya_state_dict(state)
+    assert all(float(lora.alpha) == 4.0 for lora in network.loras().values())
 
 
 def test_fp16_model_trains_fp32_lora_with_fp32_grads():

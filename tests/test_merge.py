@@ -1,5 +1,6 @@
 """Merging a LoRA into weights gives the same outputs as applying it with hooks."""
 import copy
+import os
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from torch import nn
 
 from trainer_core.adapters.lora import LoRAConfig, LoRANetwork
 from trainer_core.errors import TrainerInputError
-from trainer_core.merge import merge_lora, merge_lora_into_modules
+from trainer_core.merge import merge_lora
 
 torch.set_num_threads(1)
 
@@ -135,13 +136,127 @@ def test_checkpoint_without_the_weight_is_refused():
         merge_lora(base, trained_lora(model).kohya_state_dict(), KEY_MAP)
 
 
-def test_merge_into_modules_in_place_equals_the_hooked_lora():
-    torch.manual_seed(0)
-    model = TinySD()
-    network = trained_lora(model)
-    expected = hooked_outputs(model, network, 0.5, 2.0)
-    clone = copy.deepcopy(model)
-    unet_layers, text_layers = targets(clone)
-    merge_lora_into_modules(unet_layers | text_layers, network.kohya_state_dict(torch.float32), 0.5, 2.0)
-    for got, want in zip(run(clone), expected):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# --- `python -m trainer_core merge` on a single-file (LDM layout) checkpoint --------------------
+
+UNET = "model.diffusion_model."
+TEXT = "cond_stage_model.transformer.text_model.encoder.layers.0."
+
+
+def ldm_checkpoint() -> dict:
+    """An SD1-layout checkpoint with one level of one res block (input_blocks 0-1, output_blocks
+    0-1), a few attention layers, a text-encoder layer and parts no LoRA touches."""
+    generator = torch.Generator().manual_seed(4)
+
+    def weight(*shape):
+        return torch.randn(shape, generator=generator).half()
+
+    return {
+        f"{UNET}input_blocks.0.0.weight": weight(8, 4, 3, 3),
+        f"{UNET}input_blocks.1.0.in_layers.2.weight": weight(8, 8, 3, 3),
+        f"{UNET}input_blocks.1.1.proj_in.weight": weight(8, 8, 1, 1),
+        f"{UNET}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": weight(8, 6),
+        f"{UNET}middle_block.1.transformer_blocks.0.ff.net.0.proj.weight": weight(16, 8),
+        f"{UNET}output_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight": weight(8, 8),
+        f"{UNET}output_blocks.1.1.transformer_blocks.0.attn1.to_out.0.bias": weight(8),
+        f"{TEXT}self_attn.q_proj.weight": weight(6, 6),
+        f"{TEXT}mlp.fc1.weight": weight(12, 6),
+        "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(4)[None],
+        "first_stage_model.decoder.conv_out.weight": weight(3, 4, 3, 3),
+    }
+
+
+EXPECTED_NAMES = {
+    "lora_unet_down_blocks_0_attentions_0_proj_in": f"{UNET}input_blocks.1.1.proj_in.weight",
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k":
+        f"{UNET}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+    "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj":
+        f"{UNET}middle_block.1.transformer_blocks.0.ff.net.0.proj.weight",
+    "lora_unet_up_blocks_0_attentions_1_transformer_blocks_0_attn1_to_out_0":
+        f"{UNET}output_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight",
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj": f"{TEXT}self_attn.q_proj.weight",
+    "lora_te_text_model_encoder_layers_0_mlp_fc1": f"{TEXT}mlp.fc1.weight",
+}
+
+
+def test_checkpoint_lora_keys_name_each_attention_layer_as_kohya_does():
+    from trainer_core.merge import checkpoint_lora_keys
+    assert checkpoint_lora_keys(ldm_checkpoint()) == EXPECTED_NAMES
+
+
+def lora_for(checkpoint, names, rank=2):
+    generator = torch.Generator().manual_seed(5)
+    state = {}
+    for name in names:
+        weight = checkpoint[EXPECTED_NAMES[name]]
+        tail = tuple(weight.shape[2:])
+        state[f"{name}.lora_down.weight"] = torch.randn((rank, weight.shape[1]) + tail, generator=generator)
+        state[f"{name}.lora_up.weight"] = torch.randn((weight.shape[0], rank) + tail, generator=generator)
+        state[f"{name}.alpha"] = torch.tensor(1.0)
+    return state
+
+
+@pytest.fixture
+def merge_files(tmp_path):
+    from safetensors.torch import save_file
+    checkpoint = ldm_checkpoint()
+    save_file(checkpoint, str(tmp_path / "base.safetensors"))
+    lora = lora_for(checkpoint, ["lora_unet_down_blocks_0_attentions_0_proj_in",
+                                 "lora_te_text_model_encoder_layers_0_mlp_fc1"])
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    return tmp_path, checkpoint, lora
+
+
+def merge_cli(folder, *extra):
+    from trainer_core.cli import main
+    return main(["merge", "--model", str(folder / "base.safetensors"), "--lora", str(folder / "lora.safetensors"),
+                 "--output", str(folder / "out" / "merged"), *extra])
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_merge_cli_writes_the_merged_checkpoint_with_its_metadata(merge_files):
+    from safetensors import safe_open
+    folder, checkpoint, lora = merge_files
+    previous = os.umask(0o022)
+    try:
+        assert merge_cli(folder, "--strength-model", "0.5", "--strength-clip", "2") == 0
+    finally:
+        os.umask(previous)
+    path = folder / "out" / "merged.safetensors"
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    with safe_open(str(path), framework="pt") as f:
+        merged = {key: f.get_tensor(key) for key in f.keys()}
+        metadata = f.metadata()
+    expected = merge_lora(checkpoint, lora, EXPECTED_NAMES, 0.5, 2.0)
+    assert set(merged) == set(checkpoint)
+    for key, tensor in expected.items():
+        assert torch.equal(merged[key], tensor.half() if tensor.is_floating_point() else tensor), key
+    assert not torch.equal(merged[EXPECTED_NAMES["lora_unet_down_blocks_0_attentions_0_proj_in"]],
+                           checkpoint[EXPECTED_NAMES["lora_unet_down_blocks_0_attentions_0_proj_in"]])
+    assert metadata["merge.lora"] == "lora.safetensors" and metadata["merge.strength_clip"] == "2"
+    assert metadata["merge.precision"] == "fp16" and metadata["modelspec.title"] == "merged"
+
+
+def test_merge_cli_keeps_the_same_merge_and_needs_overwrite_for_another(merge_files, capsys, caplog):
+    folder, _, _ = merge_files
+    assert merge_cli(folder) == 0
+    path = folder / "out" / "merged.safetensors"
+    first = path.stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="trainer_core"):
+        assert merge_cli(folder) == 0
+    assert path.stat().st_mtime_ns == first and "already merged" in caplog.text
+    assert merge_cli(folder, "--precision", "fp32") == 2
+    error = capsys.readouterr().err
+    assert "--output" in error and "--overwrite" in error and "output_name" not in error
+    assert merge_cli(folder, "--precision", "fp32", "--overwrite") == 0
+    assert path.stat().st_mtime_ns != first
+
+
+def test_merge_cli_refuses_a_lora_for_other_layers_naming_them(merge_files, capsys):
+    from safetensors.torch import save_file
+    folder, checkpoint, lora = merge_files
+    save_file({k.replace("proj_in", "proj_out"): v for k, v in lora.items()}, str(folder / "lora.safetensors"))
+    assert merge_cli(folder) == 2
+    assert "lora_unet_down_blocks_0_attentions_0_proj_out" in capsys.readouterr().err
+    assert not (folder / "out" / "merged.safetensors").exists()

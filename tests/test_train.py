@@ -13,6 +13,7 @@ from trainer_core.config import TrainConfig
 from trainer_core.dataset import regularization_set
 from trainer_core.errors import TrainerInputError, TrainingCancelled, TrainingStopped
 from trainer_core.formats import load_lora
+from trainer_core.jobs import HypernetworkJob, LoRAJob, TrainingJob
 from trainer_core.train import Callbacks, train_hypernetwork, train_lora
 
 
@@ -142,6 +143,20 @@ def test_regularization_images_add_a_prior_loss(parts, dataset, tmp_path):
     assert with_reg.losses[0][1] > plain.losses[0][1], "the prior loss is added to the instance loss"
 
 
+def test_regularization_pictures_follow_the_dataset_resolution_by_default(parts, dataset, tmp_path, monkeypatch):
+    sizes, encode = [], parts.encode_images
+
+    def recording(pixels, generator=None):
+        sizes.append(tuple(pixels.shape[-2:]))
+        return encode(pixels, generator)
+
+    monkeypatch.setattr(parts, "encode_images", recording)
+    reg = regularization_set(class_prompt="orange creature", blank_count=2)  # resolution not given
+    train_lora(parts, dataset, LoRAConfig(), config(tmp_path, steps=2), regularization=reg)
+    resolution = dataset.config.resolution
+    assert sizes and set(sizes) == {(resolution, resolution)}, "the class pictures at the dataset's size"
+
+
 def test_gradient_accumulation_and_checkpointing_train(parts, dataset, tmp_path):
     plain = train_lora(parts, dataset, LoRAConfig(), config(tmp_path, output_name="plain", steps=2))
     checkpointed = train_lora(parts, dataset, LoRAConfig(),
@@ -194,3 +209,11 @@ def test_hypernetwork_training_warns_about_a_lora_sized_learning_rate(parts, dat
         train_hypernetwork(parts, dataset, HypernetworkConfig(),
                            config(tmp_path, output_name="high", steps=1, learning_rate=1e-3))
     assert "learning_rate 0.001 is high" in caplog.text
+
+
+@pytest.mark.parametrize("job_class, adapter_config", [(LoRAJob, LoRAConfig()), (HypernetworkJob, HypernetworkConfig())])
+def test_each_job_follows_the_training_job_contract(parts, dataset, tmp_path, job_class, adapter_config):
+    job = job_class(parts, adapter_config, config(tmp_path), dataset)
+    assert isinstance(job, TrainingJob)
+    assert job.output_path("x") == os.path.join(str(tmp_path), "x" + job.suffix)
+    assert isinstance(job.describe(), dict) and job.param_groups()

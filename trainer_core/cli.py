@@ -1,4 +1,5 @@
-"""`python -m trainer_core train`: the same trainer as the ComfyUI nodes, from a terminal.
+"""`python -m trainer_core train`: the same trainer as the ComfyUI nodes, from a terminal
+(and `python -m trainer_core merge`: MergeLoRAToCkpt's merge, on files).
 
 With no --model it trains the tiny built-in model on the sample dataset shipped with the pack,
 so the whole path (dataset -> train -> save -> before/after samples) runs on a CPU in about a
@@ -13,8 +14,24 @@ import os
 import sys
 from dataclasses import fields
 
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from .adapters.hypernetwork import Hypernetwork, HypernetworkConfig
+from .adapters.lora import LoRAConfig
+# The module, not its functions: diffusers itself is imported only when a model is built.
+from .backends import diffusers as backend
 from .config import TrainConfig
-from .errors import TrainerInputError, TrainingCancelled, TrainingStopped
+from .dataset import DatasetConfig, ImageDataset, check_folder, regularization_set
+from .errors import TrainerInputError, TrainingCancelled, TrainingStopped, name_of, names_as
+from .formats import UNET_PREFIX, atomic_write, file_short_hash, load_lora, safe_output_path
+from .merge import SAVE_PRECISIONS, checkpoint_lora_keys, lora_hash, merge_into_checkpoint, merge_metadata
+from .plots import labelled_grid, loss_chart
+from .sampling import sample_images
+from .train import Callbacks, train_hypernetwork, train_lora
 
 SAMPLE_DATASET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_dataset")
 TINY_DEFAULTS = {"resolution": 64, "steps": 500, "save_every_steps": 200}
@@ -22,45 +39,145 @@ TINY_DEFAULTS = {"resolution": 64, "steps": 500, "save_every_steps": 200}
 log = logging.getLogger("trainer_core")
 
 
+# The option each flag sets, so the trainer's messages name the flag the user typed.
+CLI_FLAGS = {
+    "folder": "--data", "instance_token": "--token", "class_token": "--class-token", "resolution": "--resolution",
+    "steps": "--steps", "learning_rate": "--lr", "rank": "--rank", "alpha": "--alpha",
+    "train_text_encoder": "--train-text-encoder", "batch_size": "--batch-size",
+    "gradient_accumulation": "--gradient-accumulation", "optimizer": "--optimizer", "precision": "--precision",
+    "gradient_checkpointing": "--gradient-checkpointing", "save_every_steps": "--save-every", "seed": "--seed",
+    "resume_from": "--resume", "class_prompt": "--class-prompt", "reg_folder": "--reg-data",
+    "blank_count": "--reg-blank", "use_caption_files": "--reg-captions", "layer_structure": "--layer-structure",
+    "activation": "--activation", "output_dir": "--output-dir", "output_name": "--name",
+    "overwrite": "--overwrite", "force_retrain": "--force-retrain",
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default. Flags whose default depends on other flags
+    (None or "") say it in their own words instead of "(default: None)"."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, "", argparse.SUPPRESS) or not action.option_strings:
+            return text
+        if action.default is False:
+            return text + " (default: off)"
+        return text + " (default: %(default)s)"
+
+
+def _default(cls, name):
+    return next(f.default for f in fields(cls) if f.name == name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer_core", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a LoRA or a hypernetwork")
-    train.add_argument("--config", help="JSON file with sections dataset/train/lora/hypernetwork/regularization")
-    train.add_argument("--model", default="", help="diffusers folder or SD1.x checkpoint; default: tiny built-in model")
-    train.add_argument("--adapter", choices=("lora", "hypernetwork"), default="lora")
-    train.add_argument("--data", default="", help="folder of images and .txt captions (default: the sample dataset)")
-    train.add_argument("--token", default="", help="instance token, e.g. skkmtn (default for the sample dataset)")
-    train.add_argument("--class-token", default="", help="class word, e.g. girl")
-    train.add_argument("--resolution", type=int)
-    train.add_argument("--steps", type=int)
-    train.add_argument("--lr", type=float, help="learning rate (LoRA UNet / hypernetwork)")
-    train.add_argument("--rank", type=int)
-    train.add_argument("--alpha", type=float)
-    train.add_argument("--train-text-encoder", action="store_true")
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--gradient-accumulation", type=int)
-    train.add_argument("--optimizer", choices=("AdamW", "AdamW8bit", "Prodigy"))
-    train.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"))
-    train.add_argument("--gradient-checkpointing", action="store_true")
-    train.add_argument("--save-every", type=int, dest="save_every_steps")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--resume", default="", help="a file saved by an earlier run")
-    train.add_argument("--class-prompt", default="", help="prompt of the regularization images")
-    train.add_argument("--reg-data", default="", help="folder of class (regularization) images")
-    train.add_argument("--reg-blank", type=int, default=0, help="number of blank 'transparent' reg images")
-    train.add_argument("--reg-captions", action="store_true",
-                       help="train each --reg-data image that has a caption file with that caption as written "
-                            "(the others use --class-prompt)")
-    train.add_argument("--layer-structure", default="", help="hypernetwork layer structure, e.g. 1,2,2,1")
-    train.add_argument("--activation", default="", help="hypernetwork activation, e.g. mish")
-    train.add_argument("--output-dir", default="runs")
-    train.add_argument("--name", default="", help="output name (default: <token>_lora / <token>_hypernet)")
-    train.add_argument("--overwrite", action="store_true")
-    train.add_argument("--force-retrain", action="store_true")
-    train.add_argument("--device", default="", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    train = sub.add_parser("train", help="train a LoRA or a hypernetwork", formatter_class=_HelpFormatter,
+                           description="Train a LoRA or a hypernetwork. A flag given on the command line "
+                                       "wins over the same option in --config.")
+    add = train.add_argument
+    tiny = "with the built-in model"
+    add("--config", help="JSON file with sections dataset/train/lora/hypernetwork/regularization; "
+                         "default: none")
+    add("--model", default="", help="diffusers folder or SD1.x .safetensors/.ckpt checkpoint; "
+                                   "default: the built-in demo model")
+    add("--adapter", choices=("lora", "hypernetwork"), default="lora", help="what to train")
+    add("--data", default="", help="folder of images with .txt captions; default: the sample dataset")
+    add("--token", default="", help="instance token (trigger word) tied to your subject; default: skkmtn, "
+                                   "the sample dataset's")
+    add("--class-token", default="", help="class word of the subject, e.g. girl; default: none")
+    add("--resolution", type=int, help=f"training size in pixels, a multiple of 64; default: "
+                                      f"{_default(DatasetConfig, 'resolution')} "
+                                      f"({TINY_DEFAULTS['resolution']} {tiny})")
+    add("--steps", type=int, help=f"optimizer steps in total; default: {_default(TrainConfig, 'steps')} "
+                                 f"({TINY_DEFAULTS['steps']} {tiny})")
+    add("--lr", type=float, help=f"learning rate (LoRA UNet / hypernetwork); default: "
+                                f"{_default(TrainConfig, 'learning_rate'):g} for a LoRA; 1e-05 for a "
+                                f"hypernetwork (0.001 {tiny})")
+    add("--rank", type=int, help=f"LoRA rank (its size); default: {_default(LoRAConfig, 'rank')}")
+    add("--alpha", type=float, help=f"LoRA alpha; the LoRA is scaled by alpha / rank; default: "
+                                   f"{_default(LoRAConfig, 'alpha'):g}")
+    add("--train-text-encoder", action="store_true", help="also train the text encoder (LoRA only)")
+    add("--batch-size", type=int, help=f"pictures per step; default: {_default(TrainConfig, 'batch_size')}")
+    add("--gradient-accumulation", type=int,
+        help=f"batches added up per optimizer step; default: {_default(TrainConfig, 'gradient_accumulation')}")
+    add("--optimizer", choices=("AdamW", "AdamW8bit", "Prodigy"),
+        help=f"default: {_default(TrainConfig, 'optimizer')}")
+    add("--precision", choices=("auto", "fp32", "fp16", "bf16"),
+        help=f"number format while training; auto: fp16/bf16 on a GPU, fp32 on a CPU; default: "
+             f"{_default(TrainConfig, 'precision')}")
+    add("--gradient-checkpointing", action="store_true", help="use less GPU memory for about 20-30%% more time")
+    add("--save-every", type=int, dest="save_every_steps",
+        help=f"also save every this many steps as <name>_<step>; 0: only the final file; default: "
+             f"{_default(TrainConfig, 'save_every_steps')} ({TINY_DEFAULTS['save_every_steps']} {tiny})")
+    add("--seed", type=int, help=f"seed of every random choice; default: {_default(TrainConfig, 'seed')}")
+    add("--resume", default="", help="continue a file saved by an earlier run up to --steps (e.g. a finished "
+                                    "run with more --steps); default: start fresh")
+    add("--class-prompt", default="", help="prompt of the regularization images, e.g. 'a photo of a girl'; default: none")
+    add("--reg-data", default="", help="folder of class (regularization) images; default: none")
+    add("--reg-blank", type=int, default=0, help="number of blank 'transparent' regularization images")
+    add("--reg-captions", action="store_true",
+        help="train each --reg-data image that has a caption file with that caption as written "
+             "(the others use --class-prompt)")
+    add("--layer-structure", default="", help=f"hypernetwork layer structure; default: "
+                                              f"{_default(HypernetworkConfig, 'layer_structure')}")
+    add("--activation", default="", help=f"hypernetwork activation; default: "
+                                         f"{_default(HypernetworkConfig, 'activation')}")
+    add("--output-dir", default="runs", help="folder the trained files go to")
+    add("--name", default="", help="output file name; default: <token>_lora or <token>_hypernet")
+    add("--overwrite", action="store_true",
+        help="replace files of the same name that a DIFFERENT training (other settings or pictures) wrote; "
+             "without it such a clash stops with a message")
+    add("--force-retrain", action="store_true",
+        help="train again even though a file trained with exactly these settings exists (without it that "
+             "file is reused and nothing is trained); replaces only that run's own files")
+    add("--device", default="", help="cpu, cuda, cuda:1 ...; default: cuda if present")
+
+    merge = sub.add_parser("merge", help="bake a LoRA into an SD1.x checkpoint", formatter_class=_HelpFormatter,
+                           description="Bake a kohya LoRA into a single-file SD1.x checkpoint and save it as "
+                                       "a new checkpoint, as the MergeLoRAToCkpt node does.")
+    merge.add_argument("--model", required=True, help="the SD1.x base checkpoint (.safetensors)")
+    merge.add_argument("--lora", required=True, help="the kohya LoRA (.safetensors) to bake in")
+    merge.add_argument("--output", required=True, help="the merged checkpoint to write (.safetensors is added)")
+    merge.add_argument("--strength-model", type=float, default=1.0,
+                       help="how strongly the LoRA changes the UNet: 1 as trained, 0 not at all")
+    merge.add_argument("--strength-clip", type=float, default=1.0,
+                       help="how strongly the LoRA changes the text encoder, if it trained one")
+    merge.add_argument("--precision", choices=tuple(SAVE_PRECISIONS), default="fp16",
+                       help="number format of the saved file: fp16 is the usual 2 GB SD1.x file, fp32 exact")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace an existing file that is not this same merge; without it such a clash "
+                            "stops with a message (the same merge again is kept, not rewritten)")
     return parser
+
+
+# The node's field each merge flag stands for, so the shared messages name the flag.
+MERGE_FLAGS = {"output_name": "--output", "overwrite": "--overwrite", "strength_model": "--strength-model",
+               "strength_clip": "--strength-clip"}
+
+
+def run_merge(args) -> int:
+    """The MergeLoRAToCkpt node's merge, on files."""
+    model = os.path.abspath(args.model)
+    if not (os.path.isfile(model) and model.lower().endswith(".safetensors")):
+        raise TrainerInputError(f"--model {args.model} is not a .safetensors checkpoint file: give the SD1.x "
+                                f"checkpoint to merge into.")
+    lora_state_dict, _ = load_lora(args.lora)
+    base = load_file(model)
+    keys = checkpoint_lora_keys(base)
+    if not any(name.startswith(UNET_PREFIX) for name in keys):
+        raise TrainerInputError(f"--model {args.model} has no SD1.x UNet attention layers: give a single-file "
+                                f"SD1.x checkpoint.")
+    output = safe_output_path(os.path.dirname(os.path.abspath(args.output)), os.path.basename(args.output),
+                              ".safetensors", overwrite=True)
+    metadata = merge_metadata(os.path.splitext(os.path.basename(output))[0], os.path.basename(model),
+                              file_short_hash(model), os.path.basename(args.lora), lora_hash(lora_state_dict),
+                              args.strength_model, args.strength_clip, args.precision)
+    merge_into_checkpoint(base, lora_state_dict, keys, args.strength_model, args.strength_clip, args.precision,
+                          output, metadata, args.overwrite)
+    return 0
 
 
 def _sections(args) -> dict:
@@ -90,9 +207,6 @@ def _set(section: dict, key: str, value):
 
 
 def configs_from_args(args) -> dict:
-    from .adapters.hypernetwork import HypernetworkConfig
-    from .adapters.lora import LoRAConfig
-    from .dataset import DatasetConfig
     s = _sections(args)
     tiny = not args.model
     if tiny:
@@ -101,6 +215,7 @@ def configs_from_args(args) -> dict:
         for key in ("steps", "save_every_steps"):
             s["train"].setdefault(key, TINY_DEFAULTS[key])
     data = args.data or s["dataset"].get("folder") or SAMPLE_DATASET
+    check_folder(data, name_of("folder"))  # a wrong folder explains a missing token too: it comes first
     _set(s["dataset"], "folder", data)
     _set(s["dataset"], "instance_token", args.token or ("skkmtn" if data == SAMPLE_DATASET else ""))
     _set(s["dataset"], "class_token", args.class_token)
@@ -153,8 +268,6 @@ def _build(cls, values: dict, section: str):
 
 def _device(name: str):
     """The device, joining the process group first under `accelerate launch` / torchrun."""
-    import torch
-    import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() and name != "cpu" else "gloo")
         if torch.cuda.is_available() and name != "cpu":
@@ -167,25 +280,17 @@ def _device(name: str):
 
 
 def run_train(args) -> int:
-    import torch
-    import torch.distributed as dist
-    from tqdm import tqdm
-
-    from .backends.diffusers import load_parts, tiny_parts
-    from .dataset import ImageDataset, regularization_set
-    from .train import Callbacks, train_hypernetwork, train_lora
-
     configs = configs_from_args(args)
     output_dir = configs["train"].output_dir
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise TrainerInputError(f"--output-dir {output_dir} is a file: give a folder.")
+        raise TrainerInputError(f"{name_of('output_dir')} {output_dir} is a file: give a folder.")
     device = _device(args.device)
     dtype = torch.float16 if device.type == "cuda" and configs["train"].precision in ("auto", "fp16") else torch.float32
     if args.model:
-        parts = load_parts(args.model, device=device, dtype=dtype)
+        parts = backend.load_parts(args.model, device=device, dtype=dtype)
     else:
         log.info("no --model given: using the tiny built-in model (a demo of the whole path, not a real model)")
-        parts = tiny_parts(device=device)
+        parts = backend.tiny_parts(device=device)
     dataset = ImageDataset.from_folder(configs["dataset"])
     reg_options = configs["regularization"]
     regularization = None
@@ -193,38 +298,44 @@ def run_train(args) -> int:
         regularization = regularization_set(resolution=configs["dataset"].resolution, **reg_options)
     train_config = configs["train"]
 
-    bar = tqdm(total=train_config.steps, desc="training", unit="step")
+    bar = None
 
     def on_step(step, total, loss):
+        nonlocal bar
+        if bar is None:  # drawn from the first step on: a cache hit draws no empty bar
+            bar = tqdm(total=total, initial=step - 1, desc="training", unit="step")
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         bar.update(step - bar.n)
 
     callbacks = Callbacks(on_step=on_step)
-    try:
-        if args.adapter == "lora":
-            result = train_lora(parts, dataset, configs["lora"], train_config, regularization, callbacks)
-        else:
-            result = train_hypernetwork(parts, dataset, configs["hypernetwork"], train_config,
-                                        regularization, callbacks)
-    finally:
-        bar.close()
+    # Log lines (each save, warnings) are printed above the bar instead of through it.
+    with logging_redirect_tqdm():
+        try:
+            if args.adapter == "lora":
+                result = train_lora(parts, dataset, configs["lora"], train_config, regularization, callbacks)
+            else:
+                result = train_hypernetwork(parts, dataset, configs["hypernetwork"], train_config,
+                                            regularization, callbacks)
+        finally:
+            if bar is not None:
+                bar.close()
     if dist.is_initialized() and dist.get_rank() != 0:
         return 0  # the first process writes the files and the report
-    if result.from_cache:
-        print(f"already trained with these settings: {result.final_path} (use --force-retrain to train again)")
-    for path in result.saved_paths:
-        print(f"saved {path}")
+    if result.from_cache and os.path.exists(report_paths(result.final_path)[1]):
+        return 0  # the trainer said so; the report beside the file is this run's already
     write_report(parts, result, train_config, configs["dataset"].instance_prompt, configs["dataset"].resolution)
     return 0
 
 
+def report_paths(final_path: str) -> tuple:
+    """(loss chart, before/after grid) written beside the trained file."""
+    stem = os.path.splitext(final_path)[0]
+    return stem + "_loss.png", stem + "_samples.png"
+
+
 def write_report(parts, result, train_config, prompt: str, resolution: int):
     """A loss chart and a before/after grid (with and without the token) beside the final file."""
-    from .formats import atomic_write
-    from .plots import labelled_grid, loss_chart
-    from .sampling import sample_images
-    stem = os.path.splitext(result.final_path)[0]
-    chart_path = stem + "_loss.png"
+    chart_path, grid_path = report_paths(result.final_path)
     atomic_write(chart_path, lambda tmp: loss_chart(result.losses).save(tmp, format="PNG"), overwrite=True)
     print(f"loss chart {chart_path}")
     if parts.decode_latents is None:
@@ -237,13 +348,11 @@ def write_report(parts, result, train_config, prompt: str, resolution: int):
     with result.adapter.attached(*_attach_args(result.adapter, parts)):
         after = sample_images(parts, prompts, **kwargs)
     grid = labelled_grid([before, after], ["base model", "trained"], [prompt, without_token], min_cell=128)
-    grid_path = stem + "_samples.png"
     atomic_write(grid_path, lambda tmp: grid.save(tmp, format="PNG"), overwrite=True)
     print(f"before/after samples {grid_path}")
 
 
 def _attach_args(adapter, parts) -> tuple:
-    from .adapters.hypernetwork import Hypernetwork
     return (parts.unet,) if isinstance(adapter, Hypernetwork) else ()
 
 
@@ -251,8 +360,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "train":
-            return run_train(args)
+        if args.command == "merge":
+            with names_as(MERGE_FLAGS):
+                return run_merge(args)
+        with names_as(CLI_FLAGS):
+            if args.command == "train":
+                return run_train(args)
     except TrainerInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-from .errors import TrainerInputError
+from .errors import TrainerInputError, name_of
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
@@ -50,7 +50,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         if not self.output_dir:
-            raise TrainerInputError("output_dir is empty: give the folder the trained files go to.")
+            raise TrainerInputError(f"{name_of('output_dir')} is empty: give the folder the trained files go to.")
         _positive_int("steps", self.steps, "the number of optimizer steps, e.g. 1400")
         _positive_int("batch_size", self.batch_size, "images per step, e.g. 1")
         _positive_int("gradient_accumulation", self.gradient_accumulation,
@@ -68,7 +68,7 @@ class TrainConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("latent_sampling", self.latent_sampling, LATENT_SAMPLING)
         if not isinstance(self.seed, int) or self.seed < 0:
-            raise TrainerInputError(f"seed must be a whole number >= 0 (got {self.seed!r}).")
+            raise TrainerInputError(f"{name_of('seed')} must be a whole number >= 0 (got {self.seed!r}).")
 
     def learning_key(self) -> dict:
         """The options that change what is learned (for the training cache)."""
@@ -89,25 +89,25 @@ def _is_number(value) -> bool:
 
 def _positive_int(name, value, hint):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise TrainerInputError(f"{name} must be a whole number >= 1 (got {value!r}): {hint}.")
+        raise TrainerInputError(f"{name_of(name)} must be a whole number >= 1 (got {value!r}): {hint}.")
 
 
 def _non_negative_int(name, value, hint=""):
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         extra = f": {hint}" if hint else ""
-        raise TrainerInputError(f"{name} must be a whole number >= 0 (got {value!r}){extra}.")
+        raise TrainerInputError(f"{name_of(name)} must be a whole number >= 0 (got {value!r}){extra}.")
 
 
 def _positive_float(name, value, hint):
     if not _is_number(value) or not math.isfinite(value) or value <= 0:
-        raise TrainerInputError(f"{name} must be a number > 0 (got {value!r}): {hint}.")
+        raise TrainerInputError(f"{name_of(name)} must be a number > 0 (got {value!r}): {hint}.")
 
 
 def _non_negative_float(name, value, hint):
     if not _is_number(value) or not math.isfinite(value) or value < 0:
-        raise TrainerInputError(f"{name} must be a number >= 0 (got {value!r}): {hint}.")
+        raise TrainerInputError(f"{name_of(name)} must be a number >= 0 (got {value!r}): {hint}.")
 
 
 def _choice(name, value, options):
     if value not in options:
-        raise TrainerInputError(f"{name} must be one of {', '.join(options)} (got {value!r}).")
+        raise TrainerInputError(f"{name_of(name)} must be one of {', '.join(options)} (got {value!r}).")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import TrainerInputError
+from .errors import TrainerInputError, name_of
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MIN_BUCKET_AREA = 0.8
 # Subfolders named like kohya's "10_skkmtn" give their images 10 repeats.
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+# A regularization set's resolution that means "the training dataset's".
+FOLLOW_DATASET_RESOLUTION = 0
 # Bumped when the way pixels or captions are made changes, so cached trainings are redone.
 FINGERPRINT_VERSION = "dataset-1"
 MAX_LISTED = 20
@@ -81,22 +83,22 @@ class DatasetConfig:
     def validate(self) -> None:
         if not isinstance(self.instance_token, str) or not self.instance_token.strip():
             raise TrainerInputError(
-                "instance_token is empty: fill `instance_token` with a unique trigger word such as "
+                f"{name_of('instance_token')} is empty: fill it with a unique trigger word such as "
                 "'skkmtn'. The model learns to tie your subject to this word; put it in a prompt "
                 "later to call the subject up.")
         if not isinstance(self.class_token, str):
-            raise TrainerInputError("class_token must be text, e.g. 'girl' or 'dog' (or empty).")
+            raise TrainerInputError(f"{name_of('class_token')} must be text, e.g. 'girl' or 'dog' (or empty).")
         ext = self.caption_extension
         if not isinstance(ext, str) or not ext.strip(".").strip() or "/" in ext or "\\" in ext:
             raise TrainerInputError(
-                f"caption_extension {ext!r} is not a file extension: use e.g. '.txt' or '.caption'.")
+                f"{name_of('caption_extension')} {ext!r} is not a file extension: use e.g. '.txt' or '.caption'.")
         _check_whole(self.repeats, "repeats", minimum=1, hint="how often each image is seen per epoch")
         check_resolution(self.resolution)
         _check_whole(self.keep_tokens, "keep_tokens", minimum=0,
                      hint="how many leading caption tags stay in place")
         for name in ("bucketing", "center_crop", "flip", "shuffle_tags", "captions_as_written"):
             if not isinstance(getattr(self, name), bool):
-                raise TrainerInputError(f"{name} must be true or false, got {getattr(self, name)!r}.")
+                raise TrainerInputError(f"{name_of(name)} must be true or false, got {getattr(self, name)!r}.")
         for name in ("caption_dropout", "tag_dropout"):
             _check_probability(getattr(self, name), name)
         if self.template_lines is not None:
@@ -147,7 +149,7 @@ class ImageDataset:
         """Every image in `config.folder` (and in `<N>_<name>` subfolders, with N repeats)."""
         config.validate()
         notes = []
-        items = _scan_folder(config.folder, config, notes, read_captions=True)
+        items = _scan_folder(config.folder, config, notes, read_captions=True, name=name_of("folder"))
         return cls(config, items, notes)
 
     @classmethod
@@ -165,8 +167,12 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.items)
 
-    def bucket(self, index: int) -> tuple:
-        return self.items[index].bucket
+    def at_resolution(self, resolution: int) -> "ImageDataset":
+        """The same pictures and captions, sized for `resolution`."""
+        config = dataclasses.replace(self.config, resolution=resolution)
+        config.validate()
+        items = [dataclasses.replace(item, bucket=_bucket_for(item.size, config)) for item in self.items]
+        return ImageDataset(config, items)
 
     def pixels(self, index: int, flip: bool) -> torch.Tensor:
         """[3, H, W] float32 in [-1, 1] at the item's bucket size, mirrored when `flip`."""
@@ -276,45 +282,63 @@ class ImageDataset:
 
 @dataclass
 class RegularizationSet:
-    """Class images trained alongside the subject, their loss weighted by prior_loss_weight."""
+    """Class images trained alongside the subject, their loss weighted by prior_loss_weight.
+
+    With `follows_dataset_resolution` they are trained at the training dataset's resolution
+    (`for_dataset`), whatever size they were sized for when the set was made.
+    """
     dataset: ImageDataset
     prior_loss_weight: float = 1.0
+    follows_dataset_resolution: bool = False
 
     def __post_init__(self):
         _check_prior_loss_weight(self.prior_loss_weight)
 
+    def for_dataset(self, dataset: ImageDataset) -> "RegularizationSet":
+        resolution = dataset.config.resolution
+        if not self.follows_dataset_resolution or self.dataset.config.resolution == resolution:
+            return self
+        return dataclasses.replace(self, dataset=self.dataset.at_resolution(resolution))
 
-def regularization_set(folder=None, images=None, class_prompt="", prior_loss_weight=1.0, resolution=512,
+
+def regularization_set(folder=None, images=None, class_prompt="", prior_loss_weight=1.0,
+                       resolution=FOLLOW_DATASET_RESOLUTION,
                        blank_count=0, bucketing=True, center_crop=False, flip=False,
                        repeats=1, use_caption_files=False) -> RegularizationSet:
     """Class images from a folder, from PIL images and/or `blank_count` blank ("transparent")
     images, captioned with `class_prompt`. With `use_caption_files`, a folder image with a
     caption file is captioned with that file exactly as written instead (as prior preservation
     with captioned class images trains: the caption says what the picture shows).
+    `resolution` FOLLOW_DATASET_RESOLUTION (0): trained at the training dataset's resolution.
     """
     if not isinstance(class_prompt, str) or not class_prompt.strip():
         raise TrainerInputError(
-            "class_prompt is empty: regularization images need the prompt that describes them, "
+            f"{name_of('class_prompt')} is empty: regularization images need the prompt that describes them, "
             "e.g. 'a photo of a girl' (the class your subject belongs to, without the instance token).")
     _check_whole(blank_count, "blank_count", minimum=0, hint="how many blank images to generate")
     if not isinstance(use_caption_files, bool):
-        raise TrainerInputError(f"use_caption_files must be true or false, got {use_caption_files!r}.")
+        raise TrainerInputError(f"{name_of('use_caption_files')} must be true or false, got {use_caption_files!r}.")
+    follows = resolution == FOLLOW_DATASET_RESOLUTION
+    if follows:
+        resolution = DatasetConfig.resolution  # sized again for the dataset when training starts
     config = DatasetConfig(folder=folder or "", instance_token=class_prompt.strip(), resolution=resolution,
                            bucketing=bucketing, center_crop=center_crop, flip=flip, repeats=repeats,
                            captions_as_written=True)
     config.validate()
     _check_prior_loss_weight(prior_loss_weight)
     if not folder and not images and not blank_count:
-        raise TrainerInputError("no regularization images: give a folder, images, or a blank_count above 0.")
+        raise TrainerInputError(
+            f"no regularization images: give {name_of('reg_folder', 'folder')}, images, or a {name_of('blank_count')} above 0.")
     if images and not all(isinstance(image, Image.Image) for image in images):
         raise TrainerInputError("regularization images must be PIL images.")
     notes, items = [], []
     if folder:
-        items += _scan_folder(folder, config, notes, read_captions=use_caption_files)
+        items += _scan_folder(folder, config, notes, read_captions=use_caption_files,
+                              name=name_of("reg_folder", "folder"))
     in_memory = list(images or []) + blank_images(blank_count, resolution)
     if in_memory:
         items += _memory_items(in_memory, None, config)
-    return RegularizationSet(ImageDataset(config, items, notes), prior_loss_weight)
+    return RegularizationSet(ImageDataset(config, items, notes), prior_loss_weight, follows)
 
 
 def blank_images(count: int, resolution: int) -> list:
@@ -393,12 +417,17 @@ def _read_caption(path: str, name: str, notes: list) -> Optional[str]:
 # Folders
 
 
-def _scan_folder(folder, config: DatasetConfig, notes: list, read_captions: bool) -> list:
+def check_folder(folder, name: str = "folder") -> None:
+    """Refuse an empty, missing or non-folder image folder, naming its option `name`."""
     if not isinstance(folder, str) or not folder.strip():
-        raise TrainerInputError("folder is empty: set `folder` to the folder that holds your training images.")
+        raise TrainerInputError(f"{name} is empty: set it to the folder that holds your training images.")
     if not os.path.isdir(folder):
         what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
-        raise TrainerInputError(f"folder {folder} {what}: set `folder` to the folder that holds your images.")
+        raise TrainerInputError(f"{name} {folder} {what}: set {name} to the folder that holds your images.")
+
+
+def _scan_folder(folder, config: DatasetConfig, notes: list, read_captions: bool, name: str) -> list:
+    check_folder(folder, name)
     groups, ignored = [("", config.repeats)], []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if not entry.is_dir() or entry.name.startswith("."):
@@ -558,7 +587,7 @@ def check_resolution(resolution) -> None:
         lower = max(64, int(resolution) // 64 * 64)
         hint = " or ".join(str(v) for v in sorted({lower, lower + 64}) if v == lower or resolution > lower)
     raise TrainerInputError(
-        f"resolution {resolution!r} must be a multiple of 64 (at least 64): use {hint}. 512 suits SD1.x.")
+        f"{name_of('resolution')} {resolution!r} must be a multiple of 64 (at least 64): use {hint}. 512 suits SD1.x.")
 
 
 @lru_cache(maxsize=None)
@@ -641,15 +670,15 @@ def _on_white(image: Image.Image) -> Image.Image:
 
 def _check_whole(value, name, minimum, hint):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise TrainerInputError(f"{name} must be a whole number of at least {minimum} ({hint}), got {value!r}.")
+        raise TrainerInputError(f"{name_of(name)} must be a whole number of at least {minimum} ({hint}), got {value!r}.")
 
 
 def _check_prior_loss_weight(weight):
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
             or weight <= 0:
-        raise TrainerInputError(f"prior_loss_weight must be a number above 0 (1.0 is usual), got {weight!r}.")
+        raise TrainerInputError(f"{name_of('prior_loss_weight')} must be a number above 0 (1.0 is usual), got {weight!r}.")
 
 
 def _check_probability(value, name):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise TrainerInputError(f"{name} must be a probability between 0 and 1 (0 = off), got {value!r}.")
+        raise TrainerInputError(f"{name_of(name)} must be a probability between 0 and 1 (0 = off), got {value!r}.")

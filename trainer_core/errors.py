@@ -1,4 +1,31 @@
-"""Errors the user can act on: each names the field or file and says what to change."""
+"""Errors the user can act on: each names the field or file and says what to change.
+
+A message names an option with `name_of(name)`: the name the user sees on the surface they use.
+The nodes show their input names (the default); the command line renders its flags by running
+the trainer inside `names_as({...})`, so there is one message for both.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+_FIELD_NAMES: contextvars.ContextVar[dict] = contextvars.ContextVar("field_names", default={})
+
+
+def name_of(name: str, node_name: str | None = None) -> str:
+    """How the current surface names the option `name` (`node_name` where the node's input is
+    called otherwise, e.g. RegImages' `folder` for the regularization folder)."""
+    return _FIELD_NAMES.get().get(name, node_name or name)
+
+
+@contextlib.contextmanager
+def names_as(names: dict):
+    """Inside the block, messages name each option in `names` by its value (e.g. a CLI flag)."""
+    token = _FIELD_NAMES.set(dict(names))
+    try:
+        yield
+    finally:
+        _FIELD_NAMES.reset(token)
 
 
 class TrainerInputError(ValueError):

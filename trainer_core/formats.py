@@ -13,14 +13,20 @@ import json
 import os
 import re
 import secrets
+import stat
 import time
 from contextlib import suppress
 
+import safetensors.torch
 import torch
+from safetensors import SafetensorError, safe_open
 
-from .errors import TrainerInputError
+from .errors import TrainerInputError, name_of
 
 
+# kohya's module-name prefixes for the UNet and the (SD1.x, single) text encoder.
+UNET_PREFIX = "lora_unet_"
+TEXT_ENCODER_PREFIX = "lora_te_"
 LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 TRAINING_STATE_FORMAT = "sd1-trainer-state"
@@ -47,8 +53,12 @@ def atomic_write(path, write_fn, overwrite=False):
         raise _exists_error(path)
     os.makedirs(folder, exist_ok=True)
     tmp = _new_temp_file(folder, os.path.basename(path))
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask
     try:
         write_fn(tmp)
+        # Writers that replace the file (safetensors makes it 0600) would leave it unreadable to
+        # a ComfyUI or A1111 running as another user: every file gets the umask's mode.
+        os.chmod(tmp, mode)
         _fsync_file(tmp)
         # Checked again: training takes minutes, another run may have written the file since.
         if not overwrite and os.path.exists(path):
@@ -62,7 +72,7 @@ def atomic_write(path, write_fn, overwrite=False):
 
 
 def _new_temp_file(folder, name):
-    # Not tempfile.mkstemp: its 0600 mode would stay on the final file; 0666 lets umask decide.
+    # Not tempfile.mkstemp: its 0600 mode would stay on the final file; 0666 lets the umask decide.
     while True:
         tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
         try:
@@ -88,7 +98,7 @@ def check_writable_folder(folder):
         os.remove(_new_temp_file(folder, "write-check"))
     except OSError as error:
         raise TrainerInputError(
-            f"output_dir {folder} is not writable ({error.strerror or error}). Choose a folder you can "
+            f"{name_of('output_dir')} {folder} is not writable ({error.strerror or error}). Choose a folder you can "
             f"write to, or free disk space.") from error
 
 
@@ -106,7 +116,8 @@ def remove_stale_temp_files(path, sidecars=()):
 
 def _exists_error(path):
     return OutputExistsError(
-        f"{path} already exists. Choose another output name, or turn on overwrite to replace it."
+        f"{path} already exists. Choose another {name_of('output_name')}, or turn on {name_of('overwrite')} to "
+        f"replace it."
     )
 
 
@@ -143,21 +154,21 @@ def safe_output_path(folder, name, suffix, overwrite=False) -> str:
     replaced, so the file always lands in `folder` on every OS.
     """
     if not isinstance(name, str) or not name.strip():
-        raise TrainerInputError("output name is empty: type a file name such as 'my_lora'.")
+        raise TrainerInputError(f"{name_of('output_name')} is empty: type a file name such as 'my_lora'.")
     stem = name.strip()
     if suffix and stem.lower().endswith(suffix.lower()):
         stem = stem[: -len(suffix)]
     stem = _clean_stem(stem)
     if not stem.strip("_ ."):  # nothing left but what we replaced
         raise TrainerInputError(
-            f"output name {name!r} has no usable characters: use letters, digits, '-' or '_'."
+            f"{name_of('output_name')} {name!r} has no usable characters: use letters, digits, '-' or '_'."
         )
     folder = os.path.abspath(os.fspath(folder))
     path = os.path.join(folder, stem + suffix)
     real_folder = os.path.realpath(folder)
     if os.path.commonpath([real_folder, os.path.realpath(path)]) != real_folder:
         raise TrainerInputError(
-            f"output name {name!r} points outside {folder} (a link?). Choose another name."
+            f"{name_of('output_name')} {name!r} points outside {folder} (a link?). Choose another name."
         )
     if not overwrite and os.path.exists(path):
         raise _exists_error(path)
@@ -243,6 +254,12 @@ def kohya_modules(state_dict) -> dict:
     return modules
 
 
+def module_alpha(module) -> float:
+    """A kohya module's alpha; kohya and ComfyUI treat a missing one as alpha = rank (scale 1)."""
+    alpha = module["alpha"]
+    return float(alpha) if alpha is not None else float(module["down"].shape[0])
+
+
 def _split_kohya_key(key):
     for suffix, part in ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha")):
         if key.endswith(suffix):
@@ -256,19 +273,15 @@ def _split_kohya_key(key):
 
 def save_lora(path, state_dict, metadata, overwrite=False):
     """Write a kohya LoRA safetensors file with string metadata and kohya's sshs_* hashes."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     kohya_modules(tensors)  # refuse to write anything a LoRA loader would not read
     metadata = {str(k): str(v) for k, v in metadata.items()}
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = lora_file_hashes(tensors, metadata)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata), overwrite=overwrite)
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata), overwrite=overwrite)
 
 
 def load_lora(path) -> tuple[dict, dict]:
     """(state_dict, metadata) of a kohya LoRA safetensors file."""
-    from safetensors import SafetensorError, safe_open
-
     path = os.fspath(path)
     if path.lower().endswith(PICKLE_SUFFIXES):
         raise TrainerInputError(
@@ -301,10 +314,8 @@ def lora_file_hashes(tensors, metadata) -> tuple[str, str]:
     A1111 additional-networks extension computes from the file); the legacy hash is the
     old A1111 8-hex hash of the serialized bytes with only the `ss_*` metadata.
     """
-    from safetensors.torch import save
-
     ss_metadata = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    data = save(tensors, ss_metadata)
+    data = safetensors.torch.save(tensors, ss_metadata)
     header_size = int.from_bytes(data[:8], "little")
     model_hash = hashlib.sha256(data[8 + header_size:]).hexdigest()
     legacy_hash = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
@@ -401,7 +412,7 @@ def _modelspec(title, width, height, started, prediction_type, trigger_phrase):
 
 
 def save_training_state(path, state: dict, overwrite=True):
-    """Write the resume state (optimizer state_dict, step, RNG states, loss history, config).
+    """Write the resume state (training key, step, loss history, optimizer state_dict and name, config).
 
     Only plain types and tensors go in, so `load_training_state` can use weights_only=True.
     Overwrites by default: the state is a sidecar of the LoRA file saved just before it,

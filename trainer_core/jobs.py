@@ -1,11 +1,56 @@
-"""What differs between training a LoRA and a hypernetwork: the module, its hooks and its file."""
+"""What differs between training one kind of adapter and another: the module, its hooks and its
+file. The loop in train.py sees only the `TrainingJob` contract below."""
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager
 from dataclasses import asdict
+from typing import Optional, Protocol, runtime_checkable
 
-from .errors import TrainerInputError
-from .formats import safe_output_path
+from torch import nn
+
+from .adapters.hypernetwork import (Hypernetwork, load_hypernetwork, load_optimizer_sidecar, parse_layer_structure,
+                                    save_hypernetwork, save_optimizer_sidecar)
+from .adapters.lora import LoRANetwork
+from .errors import TrainerInputError, name_of
+from .formats import load_lora, lora_metadata, safe_output_path, save_lora
+
+
+@runtime_checkable
+class TrainingJob(Protocol):
+    """What the training loop needs of an adapter. A job is built from (parts, adapter config,
+    train config, dataset) and owns the trainable module."""
+
+    kind: str                 # the adapter's name in messages: "LoRA", "hypernetwork"
+    suffix: str               # its file's extension, ".safetensors" / ".pt"
+    other_kind_hint: str      # said when resume_from is a file of another kind
+    module: nn.Module         # what is trained: its train()/eval() mode is set by the loop
+    trains_text_encoder: bool  # whether the text encoder's output changes (no caching of contexts)
+
+    def describe(self) -> dict:
+        """Everything about the adapter that changes what is learned (part of the cache key)."""
+
+    def output_path(self, name: str) -> str:
+        """The file `name` in the output folder, with this job's suffix."""
+
+    def attached(self) -> AbstractContextManager:
+        """Attach the adapter to the frozen parts for the block; detached on exit, the parts as before."""
+
+    def param_groups(self) -> list:
+        """Optimizer parameter groups, each with its learning rate."""
+
+    def save(self, path: str, step: int, key: str, optimizer_name: str, optimizer_state: dict) -> list:
+        """Write the adapter file at `path` (and any sidecar of its format); the paths written."""
+
+    def load_weights(self, path: str) -> int:
+        """Load a file this job saved (or a compatible one) into the module; the step it was at.
+        Raises TrainerInputError naming the option that does not match the file."""
+
+    def read_foreign_optimizer_state(self, path: str) -> Optional[dict]:
+        """An optimizer state kept beside a file made by another tool, or None."""
+
+    def file_state_dict(self) -> Optional[dict]:
+        """The state dict last saved or loaded, as in the file (the nodes hand it to ComfyUI), or None."""
 
 
 class LoRAJob:
@@ -14,7 +59,6 @@ class LoRAJob:
     other_kind_hint = "a .pt file is a hypernetwork: train it with HypernetTrain / --adapter hypernetwork"
 
     def __init__(self, parts, lora_config, train_config, dataset):
-        from .adapters.lora import LoRANetwork
         self.parts, self.lora_config, self.train_config, self.dataset = parts, lora_config, train_config, dataset
         text_targets = parts.text_encoder_lora_targets if lora_config.train_text_encoder else {}
         if not parts.unet_lora_targets:
@@ -40,7 +84,6 @@ class LoRAJob:
                                         self.train_config.text_encoder_learning_rate)
 
     def save(self, path, step, key, optimizer_name, optimizer_state):
-        from .formats import lora_metadata, save_lora
         # fp32, so the file holds exactly the trained weights (and resumes bit-for-bit).
         state_dict = self.module.kohya_state_dict(dtype=None)
         lora, train, data = self.lora_config, self.train_config, self.dataset
@@ -62,14 +105,14 @@ class LoRAJob:
         return [path]
 
     def load_weights(self, path) -> int:
-        from .formats import load_lora
         state_dict, metadata = load_lora(path)
         self.module.load_kohya_state_dict(state_dict)
         alphas = {float(v) for k, v in state_dict.items() if k.endswith(".alpha")}
         if alphas and alphas != {float(self.lora_config.alpha)}:
             raise TrainerInputError(
                 f"{os.path.basename(path)} was trained with alpha {', '.join(f'{a:g}' for a in sorted(alphas))} "
-                f"but alpha is set to {self.lora_config.alpha:g}: set alpha to the file's value to continue it.")
+                f"but {name_of('alpha')} is set to {self.lora_config.alpha:g}: set {name_of('alpha')} to the file's "
+                f"value to continue it.")
         self._file_state = state_dict
         return int(metadata.get("ss_steps", 0) or 0)
 
@@ -86,7 +129,6 @@ class HypernetworkJob:
     other_kind_hint = "a .safetensors file is a LoRA: continue it with LoRATrain / --adapter lora"
 
     def __init__(self, parts, hypernetwork_config, train_config, dataset):
-        from .adapters.hypernetwork import Hypernetwork
         self.parts, self.train_config, self.dataset = parts, train_config, dataset
         self.hypernetwork_config = hypernetwork_config
         self.module = Hypernetwork.for_unet(parts.unet, hypernetwork_config)
@@ -106,7 +148,6 @@ class HypernetworkJob:
         return self.module.param_groups(self.train_config.learning_rate)
 
     def save(self, path, step, key, optimizer_name, optimizer_state):
-        from .adapters.hypernetwork import save_hypernetwork, save_optimizer_sidecar
         name = os.path.splitext(os.path.basename(path))[0]
         save_hypernetwork(path, self.module, name=name, step=step,
                           sd_checkpoint=self.parts.base_model_hash[:10],
@@ -115,16 +156,15 @@ class HypernetworkJob:
         return [path, sidecar]
 
     def load_weights(self, path) -> int:
-        from .adapters.hypernetwork import load_hypernetwork
         loaded, step = load_hypernetwork(path)
         ours, theirs = self.hypernetwork_config, loaded.config
-        for field in ("layer_structure", "activation", "layer_norm", "activate_output"):
-            mine, file_value = _comparable(field, getattr(ours, field)), _comparable(field, getattr(theirs, field))
+        for name in ("layer_structure", "activation", "layer_norm", "activate_output"):
+            mine, file_value = _comparable(name, getattr(ours, name)), _comparable(name, getattr(theirs, name))
             if mine != file_value:
                 raise TrainerInputError(
-                    f"{os.path.basename(path)} has {field} {getattr(theirs, field)!r} but this run has "
-                    f"{getattr(ours, field)!r}: set {field} to the file's value to continue it, or start a new "
-                    f"training.")
+                    f"{os.path.basename(path)} has {name_of(name)} {getattr(theirs, name)!r} but this run has "
+                    f"{getattr(ours, name)!r}: set {name_of(name)} to the file's value to continue it, or start a "
+                    f"new training.")
         if sorted(loaded.widths) != sorted(self.module.widths):
             raise TrainerInputError(
                 f"{os.path.basename(path)} was made for attention widths {sorted(loaded.widths)}, this model "
@@ -134,7 +174,6 @@ class HypernetworkJob:
 
     def read_foreign_optimizer_state(self, path):
         """A hypernetwork started in A1111 keeps its optimizer state in `<file>.optim`."""
-        from .adapters.hypernetwork import load_optimizer_sidecar
         sidecar = load_optimizer_sidecar(path)
         return None if sidecar is None else sidecar.get("optimizer_state_dict")
 
@@ -142,8 +181,7 @@ class HypernetworkJob:
         return None
 
 
-def _comparable(field, value):
-    if field == "layer_structure":
-        from .adapters.hypernetwork import parse_layer_structure
+def _comparable(name, value):
+    if name == "layer_structure":
         return [float(x) for x in parse_layer_structure(value)]
     return value

@@ -1,17 +1,31 @@
-"""Bake a kohya LoRA into model weights: W' = W + strength * (alpha / rank) * up @ down.
+"""Bake a kohya LoRA into model weights: W' = W + strength * (alpha / rank) * up @ down,
+and save the result as a single-file SD1.x checkpoint (MergeLoRAToCkpt and `python -m
+trainer_core merge`).
 
 The product is computed in fp32 and cast back to W's dtype, so an fp16 checkpoint stays
 fp16 and small LoRA deltas are not lost to fp16 rounding inside the matmul.
 """
 from __future__ import annotations
 
+import logging
+import os
+import re
+
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from .errors import TrainerInputError
-from .formats import kohya_modules
+from .errors import TrainerInputError, name_of
+from .formats import (TEXT_ENCODER_PREFIX, UNET_PREFIX, atomic_write, kohya_modules, lora_file_hashes,
+                      module_alpha)
 
-UNET_PREFIX = "lora_unet_"
-TEXT_ENCODER_PREFIX = "lora_te_"
+log = logging.getLogger(__name__)
+
+SAVE_PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}
+# Metadata that decides what a merged file contains (the title and the base's file name do not).
+SAME_MERGE_KEYS = ("merge.base_model_hash", "merge.lora_hash", "merge.strength_model", "merge.strength_clip",
+                   "merge.precision")
+
 
 
 def merge_lora(
@@ -50,40 +64,14 @@ def merge_lora(
     return merged
 
 
-def merge_lora_into_modules(
-    targets: dict,
-    lora_state_dict: dict,
-    strength_unet: float = 1.0,
-    strength_text_encoder: float = 1.0,
-) -> None:
-    """Merge in place into the `weight` of each target module (kohya name -> module).
-
-    For a model the caller owns (a clone): the change is permanent.
-    """
-    modules = kohya_modules(lora_state_dict)
-    unmapped = sorted(name for name in modules if name not in targets)
-    if unmapped:
-        raise TrainerInputError(
-            f"{len(unmapped)} LoRA layer(s) have no matching layer in this model "
-            f"(e.g. {', '.join(unmapped[:5])}). Use a LoRA trained on an SD1.x model."
-        )
-    with torch.no_grad():
-        for name, module in modules.items():
-            strength = _strength(name, strength_unet, strength_text_encoder)
-            if strength == 0:
-                continue
-            weight = targets[name].weight
-            weight.copy_(_merged_weight(name, weight, module, strength))
-
-
 def _strength(name, strength_unet, strength_text_encoder):
     if name.startswith(UNET_PREFIX):
         return strength_unet
     if name.startswith(TEXT_ENCODER_PREFIX):
         return strength_text_encoder
     raise TrainerInputError(
-        f"LoRA layer {name} is neither a UNet (lora_unet_) nor a text-encoder (lora_te_) layer "
-        "of an SD1.x model."
+        f"LoRA layer {name} is neither a UNet ({UNET_PREFIX}) nor a text-encoder ({TEXT_ENCODER_PREFIX}) "
+        "layer of an SD1.x model."
     )
 
 
@@ -91,7 +79,7 @@ def _merged_weight(name, weight, module, strength):
     down = module["down"].to(weight.device, torch.float32)
     up = module["up"].to(weight.device, torch.float32)
     rank = down.shape[0]
-    alpha = float(module["alpha"]) if module["alpha"] is not None else float(rank)
+    alpha = module_alpha(module)
     up_2d, down_2d = up.flatten(1), down.flatten(1)
     is_linear_or_1x1 = weight.dim() == 2 or tuple(weight.shape[2:]) == (1, 1)
     if not is_linear_or_1x1 or up_2d.shape != (weight.shape[0], rank) or down_2d.shape != (rank, weight.shape[1]):
@@ -101,3 +89,129 @@ def _merged_weight(name, weight, module, strength):
         )
     delta = (up_2d @ down_2d) * (strength * alpha / rank)
     return (weight.to(torch.float32) + delta.reshape(weight.shape)).to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# The merged checkpoint file
+
+
+def cast_for_saving(state_dict: dict, precision: str) -> dict:
+    """Floating-point tensors in the chosen precision; integer tensors (position ids) as they are."""
+    dtype = SAVE_PRECISIONS[precision]
+    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
+
+
+def merge_metadata(title, base_model, base_model_hash, lora_name, lora_hash, strength_model, strength_clip,
+                   precision) -> dict:
+    """What the file was made from; A1111 and ComfyUI show the modelspec keys."""
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1",
+        "modelspec.title": title,
+        "merge.base_model": base_model,
+        "merge.base_model_hash": base_model_hash,
+        "merge.lora": lora_name,
+        "merge.lora_hash": lora_hash,
+        "merge.strength_model": f"{strength_model:g}",
+        "merge.strength_clip": f"{strength_clip:g}",
+        "merge.precision": precision,
+    }
+
+
+def lora_hash(lora_state_dict) -> str:
+    """The LoRA file's sshs_model_hash: the sha256 of its tensor bytes."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict.items()}
+    return lora_file_hashes(tensors, {})[0]
+
+
+def already_merged(path, metadata, overwrite) -> bool:
+    """True when an existing file at `path` is this very merge (a re-queue after a restart) and
+    is kept as it is; raises when it is another file and overwrite is off."""
+    if overwrite or not os.path.exists(path):
+        return False
+    if not _made_from(path, metadata):
+        raise TrainerInputError(
+            f"{path} already exists (not merged from this model, LoRA and settings). Choose another "
+            f"{name_of('output_name')}, or turn on {name_of('overwrite')} to replace it.")
+    log.info("%s was already merged from the same model, LoRA and settings; not written again", path)
+    return True
+
+
+def _made_from(path, metadata) -> bool:
+    try:
+        with safe_open(path, framework="pt") as f:
+            saved = f.metadata() or {}
+    except Exception:  # not ours, or not a safetensors file at all
+        return False
+    return all(saved.get(key) == metadata[key] for key in SAME_MERGE_KEYS)
+
+
+def save_checkpoint(path, state_dict, metadata, overwrite):
+    atomic_write(path, lambda tmp: save_file(state_dict, tmp, metadata), overwrite=overwrite)
+    log.info("saved merged checkpoint %s", path)
+
+
+def merge_into_checkpoint(base_state_dict, lora_state_dict, kohya_to_weight_key, strength_model,
+                          strength_clip, precision, path="", metadata=None, overwrite=False) -> dict:
+    """The merged state dict in `precision`, also saved to `path` (with `metadata`) when a path
+    is given, unless that file already is this merge."""
+    keep_existing = bool(path) and already_merged(path, metadata, overwrite)
+    merged = merge_lora(base_state_dict, lora_state_dict, kohya_to_weight_key, strength_model, strength_clip)
+    # What is returned is exactly what is (or would be) saved, so a caller's outputs generate
+    # like the file.
+    merged = cast_for_saving(merged, precision)
+    if path and not keep_existing:
+        save_checkpoint(path, merged, metadata, overwrite)
+    return merged
+
+
+# ---------------------------------------------------------------------------------------
+# kohya names in a single-file SD1.x checkpoint (without ComfyUI)
+
+UNET_CHECKPOINT_PREFIX = "model.diffusion_model."
+TEXT_ENCODER_CHECKPOINT_PREFIX = "cond_stage_model.transformer."
+_TRANSFORMER_LAYER = re.compile(
+    r"^(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))"
+    r"\.weight$")
+_TEXT_LAYER = re.compile(r"^text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])\.weight$")
+
+
+def checkpoint_lora_keys(state_dict) -> dict:
+    """kohya LoRA name -> weight key for every layer a kohya LoRA can patch in a single-file
+    SD1.x (LDM layout) checkpoint; the same map ComfyUI's LoraLoader builds for it.
+
+    LDM numbers a UNet's blocks across levels (input_blocks.N.1 is the attention of the N-th
+    block); diffusers and kohya count per level (down_blocks.level.attentions.index).
+    """
+    levels = 1 + sum(1 for k in state_dict if re.match(r"model\.diffusion_model\.input_blocks\.\d+\.0\.op\.weight$", k))
+    blocks = len({m.group(1) for k in state_dict
+                  for m in [re.match(r"model\.diffusion_model\.input_blocks\.(\d+)\.", k)] if m})
+    per_level = blocks // levels  # res blocks per level + 1 (a downsampler, or the stem for level 0)
+    keys = {}
+    for key in state_dict:
+        if key.startswith(UNET_CHECKPOINT_PREFIX):
+            path = _diffusers_unet_path(key[len(UNET_CHECKPOINT_PREFIX):], per_level)
+            if path:
+                keys[UNET_PREFIX + path.replace(".", "_")] = key
+        elif key.startswith(TEXT_ENCODER_CHECKPOINT_PREFIX):
+            rest = key[len(TEXT_ENCODER_CHECKPOINT_PREFIX):]
+            if _TEXT_LAYER.match(rest):
+                keys[TEXT_ENCODER_PREFIX + rest[:-len(".weight")].replace(".", "_")] = key
+    return keys
+
+
+def _diffusers_unet_path(ldm_key: str, per_level: int):
+    match = re.match(r"^(input_blocks|output_blocks)\.(\d+)\.1\.(.+)$", ldm_key)
+    if match:
+        kind, number, rest = match.group(1), int(match.group(2)), match.group(3)
+        if kind == "input_blocks":  # block 0 is the stem: level i's attentions are 1 + i*per_level + j
+            level, index = divmod(number - 1, per_level)
+            prefix = f"down_blocks.{level}.attentions.{index}"
+        else:
+            level, index = divmod(number, per_level)
+            prefix = f"up_blocks.{level}.attentions.{index}"
+    elif ldm_key.startswith("middle_block.1."):
+        prefix, rest = "mid_block.attentions.0", ldm_key[len("middle_block.1."):]
+    else:
+        return None
+    return f"{prefix}.{rest[:-len('.weight')]}" if _TRANSFORMER_LAYER.match(rest) else None

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .errors import TrainerInputError
+from .errors import TrainerInputError, name_of
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ def build_optimizer(param_groups: list, config) -> tuple:
             from prodigyopt import Prodigy
         except ImportError as error:
             raise TrainerInputError(
-                "optimizer Prodigy needs the prodigyopt package: `pip install prodigyopt`, "
+                f"{name_of('optimizer')} Prodigy needs the prodigyopt package: `pip install prodigyopt`, "
                 "or pick AdamW.") from error
         # Prodigy finds the step size itself; the learning rates act as multipliers of it.
         groups = [dict(g, lr=1.0 * g["lr"] / param_groups[0]["lr"]) for g in param_groups]

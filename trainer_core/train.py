@@ -18,13 +18,19 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
+from .adapters.hypernetwork import learning_rate_warning
 from .config import TrainConfig
-from .errors import TrainerInputError, TrainingCancelled, TrainingStopped
-from .jobs import HypernetworkJob, LoRAJob
-from .optim import resolved_optimizer_name
-from .formats import check_writable_folder, remove_stale_temp_files
+from .errors import TrainerInputError, TrainingCancelled, TrainingStopped, name_of
+from .formats import (atomic_write, check_writable_folder, load_training_state, remove_stale_temp_files,
+                      save_training_state)
+from .jobs import HypernetworkJob, LoRAJob, TrainingJob
+from .optim import build_optimizer, lr_factor, resolved_optimizer_name
 from .parts import ModelParts
+from .plots import loss_chart, side_by_side
+from .sampling import sample_images
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +52,6 @@ class TrainResult:
     final_path: str
     saved_paths: list = field(default_factory=list)
     losses: list = field(default_factory=list)
-    steps_done: int = 0
     from_cache: bool = False
     kohya_state_dict: Optional[dict] = None
 
@@ -61,7 +66,6 @@ def train_lora(parts: ModelParts, dataset, lora_config, train_config: TrainConfi
 
 def train_hypernetwork(parts: ModelParts, dataset, hypernetwork_config, train_config: TrainConfig,
                        regularization=None, callbacks: Optional[Callbacks] = None) -> TrainResult:
-    from .adapters.hypernetwork import learning_rate_warning
     hypernetwork_config.validate()
     warning = learning_rate_warning(train_config.learning_rate)
     if warning:
@@ -79,7 +83,7 @@ def _seeded(seed):
         yield
 
 
-def training_key(job, dataset, config: TrainConfig, regularization, parts: ModelParts) -> str:
+def training_key(job: TrainingJob, dataset, config: TrainConfig, regularization, parts: ModelParts) -> str:
     """Everything that changes what is learned; equal keys mean the same trained file."""
     payload = {
         "adapter": job.describe(),
@@ -94,40 +98,47 @@ def training_key(job, dataset, config: TrainConfig, regularization, parts: Model
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _run(parts, job, dataset, config: TrainConfig, regularization, callbacks: Callbacks) -> TrainResult:
+def _run(parts, job: TrainingJob, dataset, config: TrainConfig, regularization,
+         callbacks: Callbacks) -> TrainResult:
     config.validate()
+    if regularization is not None:
+        regularization = regularization.for_dataset(dataset)
     images = dataset.summary()["num_train_images"]
     if config.batch_size > images:
         raise TrainerInputError(
-            f"batch_size {config.batch_size} is larger than the dataset ({images} images with repeats): "
-            f"lower batch_size or add images/repeats.")
+            f"{name_of('batch_size')} {config.batch_size} is larger than the dataset ({images} images with "
+            f"repeats): lower {name_of('batch_size')} or add images/repeats.")
     key = training_key(job, dataset, config, regularization, parts)
     final_path = job.output_path(config.output_name)
     cached = _cache_hit(job, final_path, key, config)
     if cached is not None:
         return cached
 
-    planned = [job.output_path(f"{config.output_name}_{s}") for s in _save_steps(config)] + [final_path]
+    start_step, losses, optimizer_state, resumed_key = 0, [], None, None
+    if config.resume_from:
+        start_step, losses, optimizer_state, resumed_key = _resume(
+            job, config.resume_from, resolved_optimizer_name(config, parts.device))
+        if start_step >= config.steps:
+            raise TrainerInputError(
+                f"{name_of('resume_from')} {os.path.basename(config.resume_from)} is already at step "
+                f"{start_step}; set {name_of('steps')} above {start_step} to train further.")
+
+    # The files this run writes. Those of the run it continues are its own to replace.
+    planned = [job.output_path(f"{config.output_name}_{s}") for s in _save_steps(config) if s > start_step]
+    planned.append(final_path)
+    own_keys = {key, resumed_key} - {None}
     for path in planned:
-        _check_may_write(path, key, config)
+        _check_may_write(path, own_keys, config)
     check_writable_folder(config.output_dir)
     for path in planned:
         remove_stale_temp_files(path, sidecars=(STATE_SUFFIX, ".optim"))
-
-    start_step, losses, optimizer_state = 0, [], None
-    if config.resume_from:
-        start_step, losses, optimizer_state = _resume(job, config.resume_from, resolved_optimizer_name(config, parts.device))
-        if start_step >= config.steps:
-            raise TrainerInputError(
-                f"resume_from {os.path.basename(config.resume_from)} is already at step {start_step}; "
-                f"set steps above {start_step} to train further.")
 
     loop = _Loop(parts, job, dataset, config, regularization, callbacks, key)
     devices = [parts.device.index or 0] if parts.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         saved = loop.run(start_step, losses, optimizer_state, final_path)
     return TrainResult(adapter=job.module, final_path=final_path, saved_paths=saved, losses=loop.losses,
-                       steps_done=config.steps, from_cache=False, kohya_state_dict=job.file_state_dict())
+                       from_cache=False, kohya_state_dict=job.file_state_dict())
 
 
 def _save_steps(config: TrainConfig) -> list:
@@ -141,7 +152,6 @@ def _state_path(path: str) -> str:
 
 
 def _read_state(path: str) -> Optional[dict]:
-    from .formats import load_training_state
     state_path = _state_path(path)
     if not os.path.exists(state_path):
         return None
@@ -154,31 +164,41 @@ def _cache_hit(job, final_path, key, config) -> Optional[TrainResult]:
     state = _read_state(final_path)
     if state is None or state.get("training_key") != key:
         return None
-    step = job.load_weights(final_path)
-    log.info("training cache hit: %s was trained with the same settings, data and model; not retraining",
-             final_path)
-    return TrainResult(adapter=job.module, final_path=final_path, saved_paths=[final_path],
-                       losses=[tuple(x) for x in state.get("losses", [])], steps_done=step,
+    job.load_weights(final_path)
+    log.info("already trained: %s was trained with the same settings, data and model; not training again "
+             "(%s trains it anew)", final_path, name_of("force_retrain"))
+    return TrainResult(adapter=job.module, final_path=final_path, saved_paths=[],
+                       losses=[tuple(x) for x in state.get("losses", [])],
                        from_cache=True, kohya_state_dict=job.file_state_dict())
 
 
-def _check_may_write(path, key, config):
+def _check_may_write(path, own_keys, config):
     if not os.path.exists(path) or config.overwrite:
         return
     state = _read_state(path)
-    if state is not None and state.get("training_key") == key:
-        return  # an earlier save of this same run (force_retrain or a resumed run): safe to replace
+    if state is not None and state.get("training_key") in own_keys:
+        return  # a save of this run, or of the run it continues: safe to replace
+    hint = ""
+    if state is not None and _same_but_steps(state.get("config"), config.learning_key()):
+        hint = (f" It is this training at step {state.get('step')}: to train it further, set "
+                f"{name_of('resume_from')} to it.")
     raise TrainerInputError(
-        f"{path} already exists from a different training run. Change output_name, or turn on "
-        f"overwrite to replace it.")
+        f"{path} already exists from a different training run. Change {name_of('output_name')}, or turn on "
+        f"{name_of('overwrite')} to replace it.{hint}")
+
+
+def _same_but_steps(saved: Optional[dict], ours: dict) -> bool:
+    if not isinstance(saved, dict):
+        return False
+    return {k: v for k, v in saved.items() if k != "steps"} == {k: v for k, v in ours.items() if k != "steps"}
 
 
 def _resume(job, path, optimizer_name):
     if not os.path.exists(path):
-        raise TrainerInputError(f"resume_from: {path} does not exist. Pick one of the saved files.")
+        raise TrainerInputError(f"{name_of('resume_from')}: {path} does not exist. Pick one of the saved files.")
     if not path.endswith(job.suffix):
         raise TrainerInputError(
-            f"resume_from: {os.path.basename(path)} is not a {job.kind} file. A {job.kind} run resumes "
+            f"{name_of('resume_from')}: {os.path.basename(path)} is not a {job.kind} file. A {job.kind} run resumes "
             f"from a {job.suffix} file it saved ({job.other_kind_hint}).")
     step = job.load_weights(path)
     state = _read_state(path)
@@ -186,13 +206,14 @@ def _resume(job, path, optimizer_name):
         optimizer_state = job.read_foreign_optimizer_state(path)
         log.warning("resume_from: %s has no %s file; continuing from step %d with %s optimizer state",
                     path, STATE_SUFFIX, step, "its" if optimizer_state else "a fresh")
-        return step, [], optimizer_state
+        return step, [], optimizer_state, None
     optimizer_state = state.get("optimizer")
     if state.get("optimizer_name", optimizer_name) != optimizer_name:
         log.warning("resume_from: %s was trained with %s; starting a fresh %s optimizer state",
                     path, state.get("optimizer_name"), optimizer_name)
         optimizer_state = None
-    return int(state["step"]), [tuple(x) for x in state.get("losses", [])], optimizer_state
+    losses = [tuple(x) for x in state.get("losses", [])]
+    return int(state["step"]), losses, optimizer_state, state.get("training_key")
 
 
 def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -232,7 +253,8 @@ class _BatchStream:
 
 
 class _Loop:
-    def __init__(self, parts: ModelParts, job, dataset, config: TrainConfig, regularization, callbacks, key):
+    def __init__(self, parts: ModelParts, job: TrainingJob, dataset, config: TrainConfig, regularization,
+                 callbacks, key):
         self.parts, self.job, self.dataset, self.config = parts, job, dataset, config
         self.regularization, self.callbacks, self.key = regularization, callbacks, key
         self.device = parts.device
@@ -252,7 +274,6 @@ class _Loop:
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, start_step, losses, optimizer_state, final_path) -> list:
-        from .optim import build_optimizer, lr_factor
         self.losses = list(losses)
         job, config = self.job, self.config
         optimizer, self.optimizer_name = build_optimizer(job.param_groups(), config)
@@ -295,8 +316,9 @@ class _Loop:
             optimizer.zero_grad(set_to_none=True)
             raise TrainingStopped(
                 f"out of memory at step {step} on {self.device} ({self._where()}). To use less memory: "
-                f"batch_size 1, a lower resolution, gradient_checkpointing on, precision auto/fp16, "
-                f"optimizer AdamW8bit, train_text_encoder off, a lower rank.",
+                f"{name_of('batch_size')} 1, a lower {name_of('resolution')}, {name_of('gradient_checkpointing')} "
+                f"on, {name_of('precision')} auto/fp16, {name_of('optimizer')} AdamW8bit, "
+                f"{name_of('train_text_encoder')} off, a lower {name_of('rank')}.",
                 last_save=self.last_save, step=step - 1) from error
 
     def _where(self) -> str:
@@ -343,8 +365,9 @@ class _Loop:
 
     def _stop_non_finite(self, step):
         raise TrainingStopped(
-            f"the loss became NaN/inf at step {step}; training stopped ({self._where()}). Lower the "
-            f"learning rate (now {self.config.learning_rate:g}), or use precision fp32/bf16 instead of fp16.",
+            f"the loss became NaN/inf at step {step}; training stopped ({self._where()}). Lower "
+            f"{name_of('learning_rate')} (now {self.config.learning_rate:g}), or use {name_of('precision')} "
+            f"fp32/bf16 instead of fp16.",
             last_save=self.last_save, step=step - 1)
 
     def _micro_batch_loss(self, dataset, indices, n, stream) -> torch.Tensor:
@@ -442,7 +465,6 @@ class _Loop:
 
     def _write_files(self, path, step, optimizer, written):
         """Writes the adapter file and its sidecars, listing each in `written` once it is on disk."""
-        from .formats import save_training_state
         written.extend(self.job.save(path, step, self.key, self.optimizer_name, optimizer.state_dict()))
         save_training_state(_state_path(path), {
             "training_key": self.key,
@@ -457,7 +479,6 @@ class _Loop:
             self._write_loss_csv(path)
 
     def _write_loss_csv(self, path):
-        from .formats import atomic_write
         csv_path = os.path.splitext(path)[0] + "_loss.csv"
 
         def write(tmp):
@@ -475,14 +496,12 @@ class _Loop:
         if not (force or sample_now or now - self._last_preview >= PREVIEW_INTERVAL_SECONDS):
             return
         self._last_preview = now
-        from .plots import loss_chart, side_by_side
         image = loss_chart(self.losses)
         if sample_now and self.parts.decode_latents is not None:
             image = side_by_side([image, self._sample_image()])
         self.callbacks.on_preview(step, image)
 
     def _sample_image(self):
-        from .sampling import sample_images
         prompt = self.config.sample_prompt or self.dataset.config.instance_prompt
         size = self.dataset.config.resolution
         was_training = self.job.module.training
@@ -496,14 +515,12 @@ class _Loop:
 
 def _world() -> tuple:
     """(rank, number of processes) under `accelerate launch` / torchrun, else (0, 1)."""
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def _average_across_processes(params, loss: float) -> float:
-    import torch.distributed as dist
     world = dist.get_world_size()
     for p in params:
         if p.grad is not None:
@@ -515,7 +532,6 @@ def _average_across_processes(params, loss: float) -> float:
 
 
 def _barrier():
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -527,7 +543,6 @@ def gradient_checkpointing(unet):
     Works on any UNet whose transformer blocks are named `...transformer_blocks.N` (diffusers and
     ComfyUI both are); adapter hooks inside the blocks run again during recomputation.
     """
-    from torch.utils.checkpoint import checkpoint
     blocks = [m for name, m in unet.named_modules() if name.rsplit(".", 2)[-2:-1] == ["transformer_blocks"]]
     originals = []
     for block in blocks:

@@ -217,3 +217,29 @@ def test_lora_train_merge_workflow_runs_headless(comfyui, tiny_checkpoint):
     assert run.output(merge_id, 2) == "skkmtn_merged.safetensors"
     assert os.path.exists(os.path.join(comfyui.folders["checkpoints"], "skkmtn_merged.safetensors"))
     assert [f for f in os.listdir(comfyui.folders["output"]) if f.startswith("skkmtn_merged")]
+
+
+def test_merge_cli_finds_the_layers_comfyui_maps_and_merges_the_same_weights(comfyui, tiny_checkpoint, lora_file,
+                                                                            tmp_path):
+    import comfy.sd
+    from safetensors.torch import load_file
+
+    from trainer_core.cli import main
+    from trainer_core.merge import cast_for_saving, checkpoint_lora_keys, merge_lora
+    checkpoint = os.path.join(comfyui.folders["checkpoints"], tiny_checkpoint)
+    lora = os.path.join(comfyui.folders["loras"], lora_file)
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(checkpoint)
+    comfy_keys = pack_module("nodes.comfy_bridge").checkpoint_lora_keys(model, clip)
+    base = load_file(checkpoint)
+    ours = checkpoint_lora_keys(base)
+    trained = {key.split(".")[0] for key in load_file(lora)}
+    assert trained <= set(ours), "every layer LoRATrain trains is found in the file"
+    assert ours == {name: comfy_keys[name] for name in ours}, "named as ComfyUI's LoraLoader names them"
+
+    output = tmp_path / "merged.safetensors"
+    assert main(["merge", "--model", checkpoint, "--lora", lora, "--output", str(output)]) == 0
+    expected = cast_for_saving(merge_lora(base, load_file(lora), comfy_keys), "fp16")
+    merged = load_file(str(output))
+    assert set(merged) == set(expected)
+    for key, tensor in expected.items():
+        assert torch.equal(merged[key], tensor), key

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
-from ..errors import TrainerInputError
+from ..errors import TrainerInputError, name_of
 from ..formats import atomic_write, describe_state_dict, file_short_hash
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,10 @@ class HypernetworkConfig:
             # Linear as last and puts the activation after it too: the file would generate
             # differently in ComfyUI than it trained (A1111 runs it as trained).
             raise TrainerInputError(
-                f"layer_norm with activation {self.activation!r} needs activate_output turned on: "
-                "ComfyUI's HypernetworkLoader applies the activation after the output layer whenever "
-                "layer_norm is on. Turn on activate_output, set activation to linear, or turn off layer_norm."
+                f"{name_of('layer_norm')} with {name_of('activation')} {self.activation!r} needs "
+                f"{name_of('activate_output')} turned on: ComfyUI's HypernetworkLoader applies the activation "
+                f"after the output layer whenever layer_norm is on. Turn on {name_of('activate_output')}, set "
+                f"{name_of('activation')} to linear, or turn off {name_of('layer_norm')}."
             )
 
     def validate_format(self) -> None:
@@ -89,12 +91,12 @@ class HypernetworkConfig:
         self.layer_sizes()
         if self.activation not in ACTIVATIONS:
             raise TrainerInputError(
-                f"activation {self.activation!r} is not supported: use one of {', '.join(ACTIVATIONS)} "
+                f"{name_of('activation')} {self.activation!r} is not supported: use one of {', '.join(ACTIVATIONS)} "
                 "(the ones ComfyUI's HypernetworkLoader can load)."
             )
         if self.weight_initialization not in WEIGHT_INITIALIZATIONS:
             raise TrainerInputError(
-                f"weight_initialization {self.weight_initialization!r} is not supported: use one of "
+                f"{name_of('weight_initialization')} {self.weight_initialization!r} is not supported: use one of "
                 f"{', '.join(WEIGHT_INITIALIZATIONS)} (Normal is A1111's default)."
             )
 
@@ -113,12 +115,12 @@ def parse_layer_structure(value) -> list[float]:
         sizes = [float(str(p).strip()) for p in parts]
     except (TypeError, ValueError):
         raise TrainerInputError(
-            f"layer_structure {value!r} is not a list of numbers: write it {example}.") from None
+            f"{name_of('layer_structure')} {value!r} is not a list of numbers: write it {example}.") from None
     if len(sizes) < 2 or sizes[0] != 1 or sizes[-1] != 1:
         raise TrainerInputError(
-            f"layer_structure {value!r} must start and end with 1 (the context width in and out): {example}.")
+            f"{name_of('layer_structure')} {value!r} must start and end with 1 (the context width in and out): {example}.")
     if not all(math.isfinite(s) and s > 0 for s in sizes):
-        raise TrainerInputError(f"layer_structure {value!r} must hold numbers above 0: {example}.")
+        raise TrainerInputError(f"{name_of('layer_structure')} {value!r} must hold numbers above 0: {example}.")
     return sizes
 
 
@@ -140,7 +142,7 @@ def learning_rate_warning(lr: float) -> Optional[str]:
     if lr <= LEARNING_RATE_WARNING_ABOVE:
         return None
     return (
-        f"learning_rate {lr:g} is high for a hypernetwork: above {LEARNING_RATE_WARNING_ABOVE:g} "
+        f"{name_of('learning_rate')} {lr:g} is high for a hypernetwork: above {LEARNING_RATE_WARNING_ABOVE:g} "
         "they usually turn to noise (A1111's default is 1e-5; 5e-6 to 5e-5 is usual). "
         "LoRA learning rates do not carry over."
     )
@@ -249,6 +251,15 @@ class Hypernetwork(nn.Module):
         """[k-network, v-network] for a context width."""
         return self.nets[str(width)]
 
+    def transform(self, context: torch.Tensor, part: int, strength: float) -> torch.Tensor:
+        """The context a to_k (part 0) or to_v (part 1) layer sees instead of `context`; unchanged
+        for a width the hypernetwork lacks (as A1111 and ComfyUI leave it). Computed in fp32 like
+        the weights: fp16 contexts would lose the small corrections being learned."""
+        key = str(context.shape[-1])
+        if key not in self.nets:
+            return context
+        return self.nets[key][part](context.float(), strength).to(context.dtype)
+
     @contextmanager
     def attached(self, unet: nn.Module, device=None):
         """Transform the k/v contexts of `unet` for the duration of the block; hooks removed on exit.
@@ -264,8 +275,8 @@ class Hypernetwork(nn.Module):
             for name, target in targets.items():
                 if str(target.in_features) not in self.nets:
                     continue  # A1111 and ComfyUI also leave widths the file lacks alone
-                net = self.pair(target.in_features)[0 if name.endswith("to_k") else 1]
-                handles.append(target.register_forward_pre_hook(self._hook(net), with_kwargs=True))
+                part = 0 if name.endswith("to_k") else 1
+                handles.append(target.register_forward_pre_hook(self._hook(part), with_kwargs=True))
             if targets and not handles:
                 log.warning("hypernetwork widths %s match none of the model's attention layers", self.widths)
             yield self
@@ -274,13 +285,12 @@ class Hypernetwork(nn.Module):
                 handle.remove()
             self._attached = False
 
-    def _hook(self, net: HypernetworkModule):
+    def _hook(self, part: int):
         def transform_context(module, args, kwargs):
             if not self.training and self.strength == 0:
                 return None
             context = args[0] if args else kwargs["input"]
-            # fp32 like the weights: fp16 contexts would lose the small corrections being learned.
-            new = net(context.float(), self.strength).to(context.dtype)
+            new = self.transform(context, part, self.strength)
             if args:
                 return (new, *args[1:]), kwargs
             return args, {**kwargs, "input": new}
@@ -470,7 +480,6 @@ def _load_pt(path):
     if not os.path.isfile(path):
         raise TrainerInputError(f"hypernetwork file {path} does not exist: check the name and folder.")
     if path.lower().endswith((".safetensors", ".sft")):
-        from safetensors import safe_open
         try:
             with safe_open(path, framework="pt") as f:
                 looks_like = _looks_like(f.keys())

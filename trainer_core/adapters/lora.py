@@ -12,18 +12,14 @@ unscale FP16 gradients" and lose small updates.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..errors import TrainerInputError
-from ..formats import describe_state_dict, kohya_modules
-
-UNET_PREFIX = "lora_unet_"
-TEXT_ENCODER_PREFIX = "lora_te_"
+from ..errors import TrainerInputError, name_of
+from ..formats import TEXT_ENCODER_PREFIX, UNET_PREFIX, describe_state_dict, kohya_modules, module_alpha
 
 
 @dataclass
@@ -37,19 +33,20 @@ class LoRAConfig:
     def validate(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise TrainerInputError(
-                f"rank must be a whole number of at least 1 (got {self.rank!r}); 4 to 32 is usual."
+                f"{name_of('rank')} must be a whole number of at least 1 (got {self.rank!r}); 4 to 32 is usual."
             )
         if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
             raise TrainerInputError(
-                f"alpha must be a number above 0 (got {self.alpha!r}); alpha = rank gives scale 1, "
+                f"{name_of('alpha')} must be a number above 0 (got {self.alpha!r}); alpha = rank gives scale 1, "
                 "alpha = 1 is kohya's default."
             )
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise TrainerInputError(
-                f"dropout must be at least 0 and below 1 (got {self.dropout!r}); 0 turns it off."
+                f"{name_of('dropout')} must be at least 0 and below 1 (got {self.dropout!r}); 0 turns it off."
             )
         if not (self.train_unet or self.train_text_encoder):
-            raise TrainerInputError("train_unet and train_text_encoder are both off: turn on at least one.")
+            raise TrainerInputError(
+                f"{name_of('train_unet')} and {name_of('train_text_encoder')} are both off: turn on at least one.")
 
 
 def layer_sizes(target: nn.Module) -> tuple[int, int]:
@@ -99,9 +96,7 @@ class LoRAModule(nn.Module):
 class LoRANetwork(nn.Module):
     """One LoRAModule per target layer, keyed by kohya module name."""
 
-    def __init__(self, unet_targets: dict, text_encoder_targets: dict, config: LoRAConfig, *, module_ranks=None):
-        """`module_ranks` (kohya name -> rank) overrides config.rank per layer, for files
-        whose layers were resized to different ranks."""
+    def __init__(self, unet_targets: dict, text_encoder_targets: dict, config: LoRAConfig):
         super().__init__()
         config.validate()
         self.config = config
@@ -117,9 +112,9 @@ class LoRANetwork(nn.Module):
         if not self._targets:
             raise TrainerInputError(
                 "There are no layers to train: the model has no LoRA targets for the parts "
-                "chosen by train_unet / train_text_encoder."
+                f"chosen by {name_of('train_unet')} / {name_of('train_text_encoder')}."
             )
-        ranks = {name: (module_ranks or {}).get(name, config.rank) for name in self._targets}
+        ranks = {name: config.rank for name in self._targets}
         _check_rank_fits(self._targets, ranks)
         self.unet_loras = nn.ModuleDict()
         self.text_encoder_loras = nn.ModuleDict()
@@ -127,27 +122,6 @@ class LoRANetwork(nn.Module):
             group = self.unet_loras if name.startswith(UNET_PREFIX) else self.text_encoder_loras
             group[name] = LoRAModule(target, ranks[name], config.alpha, config.dropout)
         self._attached = False
-
-    @classmethod
-    def from_kohya_state_dict(
-        cls, state_dict, unet_targets: dict, text_encoder_targets: dict, dropout: float = 0.0
-    ) -> "LoRANetwork":
-        """A network shaped like the file (its ranks, alphas and parts) holding its weights."""
-        modules = _file_modules(state_dict)
-        names = set(modules)
-        train_unet = any(n.startswith(UNET_PREFIX) for n in names)
-        train_text_encoder = any(n.startswith(TEXT_ENCODER_PREFIX) for n in names)
-        expected = set(unet_targets) if train_unet else set()
-        if train_text_encoder:
-            expected |= set(text_encoder_targets)
-        _check_names(names, expected)
-        ranks = {name: m["down"].shape[0] for name, m in modules.items()}
-        rank = Counter(ranks.values()).most_common(1)[0][0]
-        alpha = Counter(_alpha_of(m) for m in modules.values()).most_common(1)[0][0]
-        config = LoRAConfig(rank, alpha, dropout, train_unet, train_text_encoder)
-        network = cls(unet_targets, text_encoder_targets, config, module_ranks=ranks)
-        network.load_kohya_state_dict(state_dict)
-        return network
 
     def loras(self) -> dict:
         return {**self.unet_loras, **self.text_encoder_loras}
@@ -220,7 +194,7 @@ class LoRANetwork(nn.Module):
             with torch.no_grad():
                 lora.lora_down.weight.copy_(down)
                 lora.lora_up.weight.copy_(up)
-                lora.alpha.fill_(_alpha_of(modules[name]))
+                lora.alpha.fill_(module_alpha(modules[name]))
 
 
 def _check_prefixes(targets, prefix):
@@ -234,20 +208,14 @@ def _check_rank_fits(targets, ranks):
     if too_small:
         name = min(too_small, key=too_small.get)
         raise TrainerInputError(
-            f"rank {ranks[name]} is larger than the smallest layer it would train ({name} has "
-            f"{too_small[name]} features): set rank to {too_small[name]} or less."
+            f"{name_of('rank')} {ranks[name]} is larger than the smallest layer it would train ({name} has "
+            f"{too_small[name]} features): set {name_of('rank')} to {too_small[name]} or less."
         )
 
 
 def _device_of(module):
     tensor = next(module.parameters(), None)
     return tensor.device if tensor is not None else torch.device("cpu")
-
-
-def _alpha_of(file_module) -> float:
-    # kohya and ComfyUI treat a missing alpha as alpha = rank (scale 1).
-    alpha = file_module["alpha"]
-    return float(alpha) if alpha is not None else float(file_module["down"].shape[0])
 
 
 def _file_modules(state_dict):
@@ -268,11 +236,11 @@ def _check_names(file_names: set, expected: set):
     if any(n.startswith(TEXT_ENCODER_PREFIX) for n in unknown) and not any(
         n.startswith(TEXT_ENCODER_PREFIX) for n in expected
     ):
-        hint = " The file also trains the text encoder: turn on train_text_encoder."
+        hint = f" The file also trains the text encoder: turn on {name_of('train_text_encoder')}."
     elif any(n.startswith(TEXT_ENCODER_PREFIX) for n in missing) and not any(
         n.startswith(TEXT_ENCODER_PREFIX) for n in file_names
     ):
-        hint = " The file has no text-encoder layers: turn off train_text_encoder."
+        hint = f" The file has no text-encoder layers: turn off {name_of('train_text_encoder')}."
     raise TrainerInputError(
         f"This LoRA's layers do not match the model: the file looks like {kind}; expected an "
         f"SD1.x kohya LoRA with names like {_examples(expected)}. "
@@ -289,9 +257,8 @@ def _examples(names, count=3):
 def _check_rank(name, down, rank):
     if down.shape[0] != rank:
         raise TrainerInputError(
-            f"{name}: the file has rank {down.shape[0]} but this network has rank {rank}. "
-            "Set rank to the file's rank, or build the network from the file "
-            "(LoRANetwork.from_kohya_state_dict)."
+            f"{name}: the file has rank {down.shape[0]} but this network has rank {rank}: set "
+            f"{name_of('rank')} to {down.shape[0]}, the file's rank."
         )
 
 

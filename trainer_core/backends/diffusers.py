@@ -4,6 +4,11 @@
 configs and the CLIP tokenizer ship in `trainer_core/configs/sd15`); `tiny_parts` builds a tiny
 SD1-shaped model in code. Both hand the trainer a `ModelParts` whose LoRA targets carry kohya
 names, so a LoRA trained here loads in kohya, A1111, ComfyUI and diffusers.
+
+diffusers and transformers are imported inside the functions that build models: they are the
+`cli` extra (not every ComfyUI has them), and importing diffusers costs about as long again as
+torch itself (measured 16 s against 7 s on a busy 2-core machine), which `merge`, `--help` and
+the option checks do not need.
 """
 from __future__ import annotations
 
@@ -13,11 +18,13 @@ import logging
 import os
 import pickle
 
+import safetensors.torch
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from ..errors import TrainerInputError
-from ..formats import file_short_hash
+from ..formats import TEXT_ENCODER_PREFIX, UNET_PREFIX, file_short_hash
 from ..parts import ModelParts
 
 log = logging.getLogger(__name__)
@@ -74,7 +81,7 @@ def kohya_unet_targets(unet: nn.Module) -> dict:
             for i in range(len(block.transformer_blocks)) for layer in TRANSFORMER_BLOCK_TARGETS]
         for name in names:
             full_name = f"{path}.{name}"
-            targets["lora_unet_" + full_name.replace(".", "_")] = _patchable(block.get_submodule(name), full_name)
+            targets[UNET_PREFIX + full_name.replace(".", "_")] = _patchable(block.get_submodule(name), full_name)
     return targets
 
 
@@ -82,7 +89,7 @@ def kohya_text_encoder_targets(text_encoder: nn.Module) -> dict:
     """kohya name -> Linear for the attention and MLP layers of every CLIP encoder layer."""
     layers = getattr(text_encoder, "text_model", text_encoder).encoder.layers
     return {
-        f"lora_te_text_model_encoder_layers_{i}_{suffix}": _patchable(
+        f"{TEXT_ENCODER_PREFIX}text_model_encoder_layers_{i}_{suffix}": _patchable(
             getattr(getattr(layer, part), leaf), f"encoder.layers.{i}.{part}.{leaf}")
         for i, layer in enumerate(layers)
         for suffix, (part, leaf) in TEXT_ENCODER_TARGETS.items()
@@ -301,7 +308,6 @@ def _load_single_file(path, device, dtype) -> ModelParts:
     extension = os.path.splitext(path)[1].lower()
     if extension == ".safetensors":
         _require_sd1(path, _safetensors_shapes(path))  # from the header, before reading weights
-        import safetensors.torch
         state_dict = safetensors.torch.load_file(path)
     elif extension in (".ckpt", ".pt", ".pth"):
         state_dict = _load_pickled_checkpoint(path)
@@ -366,7 +372,6 @@ def checkpoint_kind(shapes: dict) -> str:
 
 
 def _safetensors_shapes(path) -> dict:
-    from safetensors import safe_open
     try:
         with safe_open(path, framework="pt") as f:
             return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
