@@ -2,6 +2,7 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .dataset import LoadDataset, RegImages
+from .embedding import EmbeddingTrain
 from .hypernet import ApplyHypernetwork, HypernetTrain
 from .lora import LoRATrain
 from .merge import MergeLoRAToCkpt
@@ -9,7 +10,7 @@ from .preview import LossChart, StepComparisonGrid, TriggerComparison
 from .templates import register_thumbnail_route
 
 NODES = [LoadDataset, RegImages, LoRATrain, HypernetTrain, ApplyHypernetwork, MergeLoRAToCkpt, LossChart,
-         TriggerComparison, StepComparisonGrid]
+         TriggerComparison, StepComparisonGrid, EmbeddingTrain]
 
 
 class TrainerExtension(ComfyExtension):

@@ -623,3 +623,148 @@ class KSamplerPictures:
 def encode_prompt(clip, text):
     """The conditioning CLIPTextEncode makes from one prompt."""
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+# ---------------------------------------------------------------------------------------
+# Added by EmbeddingTrain (nodes/embedding.py): trainable vectors read through ComfyUI's own
+# embedding mechanism, so what trains is what `embedding:<name>` gives when generating.
+#
+# CLIPTextEncode finds `embedding:<name>` through the tokenizer, which loads the file from its
+# embedding folders and puts one tensor per vector among the token ids; SDClipModel.process_tokens
+# then splices those tensors into the token embeddings. Training goes the same way: the captions
+# are tokenized by a copy of the CLIP's tokenizer that also searches a temporary folder holding
+# placeholder files, and each placeholder tensor is swapped for the trained vector before the
+# text encoder runs, so gradients reach the vectors through ComfyUI's own code.
+
+EMBEDDING_ALIAS = "sd1-trainer-vector-set-{}"
+PLACEHOLDER_VALUE = -1.0e4  # placeholder rows are constant, far from any real embedding value
+
+
+def add_embedding_support(parts, clip) -> None:
+    """Fill the textual-inversion functions of ModelParts from ComfyUI's CLIP."""
+    parts.tokenize = lambda text: prompt_token_ids(clip, text)
+    parts.token_embeddings = lambda ids: token_embedding_rows(clip, ids)
+    parts.encode_text_with_embeddings = TrainableEmbeddingPrompts(clip)
+
+
+def prompt_token_ids(clip, text) -> list:
+    """The token ids CLIPTextEncode reads `text` as, without the start and end tokens."""
+    section = next(iter(clip.tokenize(_escape_weights(text)).values()))[0]
+    end = section[-1][0]  # SD1 pads with its end token
+    ids = []
+    for token, _ in section[1:]:
+        if token == end:
+            break
+        if isinstance(token, int):
+            ids.append(token)
+    return ids
+
+
+def token_embedding_rows(clip, ids) -> torch.Tensor:
+    """[len(ids), width] rows of the text encoder's token-embedding table, as process_tokens reads them."""
+    encoder = clip.cond_stage_model
+    embedding = getattr(encoder, encoder.clip).transformer.get_input_embeddings()
+    with torch.no_grad():
+        tokens = torch.tensor([list(ids)], dtype=torch.long, device=embedding.weight.device)
+        return embedding(tokens, out_dtype=torch.float32)[0].cpu()
+
+
+def _escape_weights(text: str) -> str:
+    # As _encode_text: a caption's parentheses are text, not prompt weights.
+    return text.replace("(", "\\(").replace(")", "\\)")
+
+
+class TrainableEmbeddingPrompts:
+    """(captions, {name: [n, width] vectors}) -> [B, 77, width] context, as CLIPTextEncode makes it
+    from the same captions once the vectors are saved as `<name>` embeddings."""
+
+    def __init__(self, clip):
+        self.clip = clip
+        self.tokenized = {}  # (caption, names and shapes) -> first section, vectors as (name, row)
+        self.key = None  # the tokenizer's name for its sections ("l" for SD1)
+
+    def __call__(self, captions, embeddings):
+        shapes = tuple(sorted((name, tuple(v.shape)) for name, v in embeddings.items()))
+        missing = [c for c in dict.fromkeys(captions) if (c, shapes) not in self.tokenized]
+        if missing:
+            if len(self.tokenized) > 1024:
+                self.tokenized.clear()
+            for caption, section in zip(missing, self._tokenize(missing, embeddings)):
+                self.tokenized[(caption, shapes)] = section
+        sections = [[(embeddings[t[0]][t[1]] if isinstance(t, tuple) else t, weight)
+                     for t, weight in self.tokenized[(caption, shapes)]] for caption in captions]
+        return _encode_sections(self.clip, self.key, sections)
+
+    def _tokenize(self, captions, embeddings) -> list:
+        import copy
+        import tempfile
+        import safetensors.torch
+        from ..trainer_core.adapters.embedding import mention_pattern
+        names = list(embeddings)
+        lookup = {}
+        with tempfile.TemporaryDirectory(prefix="sd1-trainer-embeddings-") as folder:
+            for index, name in enumerate(names):
+                count, width = embeddings[name].shape
+                values = [PLACEHOLDER_VALUE - 100 * index - row for row in range(count)]
+                lookup.update({value: (name, row) for row, value in enumerate(values)})
+                rows = torch.tensor(values, dtype=torch.float32)[:, None].expand(count, width).contiguous()
+                path = f"{folder}/{EMBEDDING_ALIAS.format(index)}.safetensors"
+                safetensors.torch.save_file({"emb_params": rows}, path)
+            reader = self.clip.clone()
+            reader.tokenizer = copy.copy(self.clip.tokenizer)
+            inner = copy.copy(getattr(reader.tokenizer, reader.tokenizer.clip))
+            inner.embedding_directory = [folder] + _folders(inner.embedding_directory)
+            setattr(reader.tokenizer, reader.tokenizer.clip, inner)
+            sections = []
+            for caption in captions:
+                text = _escape_weights(caption)
+                for index, name in enumerate(names):
+                    text = mention_pattern(name).sub("embedding:" + EMBEDDING_ALIAS.format(index), text)
+                tokens = reader.tokenize(text)
+                self.key = next(iter(tokens))
+                # Like kohya (and _encode_text), a caption is cut at 75 tokens.
+                sections.append([(_placeholder(t, lookup), w) for t, w in tokens[self.key][0]])
+        return sections
+
+
+def _folders(directory) -> list:
+    if directory is None:
+        return []
+    return [directory] if isinstance(directory, str) else list(directory)
+
+
+def _placeholder(token, lookup):
+    """(name, row) for a placeholder tensor, else the token as it is."""
+    if not torch.is_tensor(token):
+        return token
+    value = float(token.reshape(-1)[0])
+    if value in lookup and bool((token == value).all()):
+        return lookup[value]
+    return token
+
+
+def _encode_sections(clip, key, sections):
+    """encode_token_weights on one 77-token section per caption, as _encode_text does."""
+    encoder = clip.cond_stage_model
+    encoder.reset_clip_options()
+    if clip.layer_idx is not None:
+        encoder.set_clip_options({"layer": clip.layer_idx})
+    context = encoder.encode_token_weights({key: sections})[0]
+    return context.reshape(len(sections), -1, context.shape[-1]).to(comfy.model_management.get_torch_device())
+
+
+def clip_finding_embeddings_in(clip, folder):
+    """A clone of CLIP whose prompts find embeddings in `folder` (added to its tokenizer's
+    embedding folders when missing; the input CLIP's tokenizer is left alone)."""
+    import copy
+    import os
+    out = clip.clone()
+    inner = getattr(clip.tokenizer, clip.tokenizer.clip)
+    folders = _folders(inner.embedding_directory)
+    if any(os.path.abspath(f) == os.path.abspath(folder) for f in folders):
+        return out
+    out.tokenizer = copy.copy(clip.tokenizer)
+    inner = copy.copy(inner)
+    inner.embedding_directory = folders + [folder]
+    setattr(out.tokenizer, out.tokenizer.clip, inner)
+    return out

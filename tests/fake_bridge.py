@@ -81,3 +81,9 @@ class FakeBridge(types.SimpleNamespace):
     def models_from_checkpoint_state_dict(self, state_dict):
         self.calls.append(("models_from_checkpoint_state_dict", state_dict))
         return "MERGED_MODEL", "MERGED_CLIP"
+
+    def add_embedding_support(self, parts, clip):
+        self.calls.append(("add_embedding_support", clip))
+
+    def clip_finding_embeddings_in(self, clip, folder):
+        return f"{clip}+embeddings"

@@ -185,3 +185,36 @@ def learning_figures(parts, attached, prompts) -> dict:
         "distance_before": round(distance(before[p], concept), 2),
         "distance_after": round(distance(after[p], concept), 2),
     } for p in prompts}
+
+
+@torch.no_grad()
+def guided_latents(parts, prompt: str, negative_prompt: str, scale: float) -> torch.Tensor:
+    """As predicted_latents, with classifier-free guidance from `negative_prompt` at `scale` (how a
+    sampler uses a DreamArtist pair: the positive embedding in the prompt, the negative in the
+    negative prompt)."""
+    noise = torch.randn((MEASURE_SEEDS, 4, SIZE // 8, SIZE // 8), generator=torch.Generator().manual_seed(123))
+    context = parts.encode_text([negative_prompt, prompt])
+    means = []
+    for t in MEASURE_TIMESTEPS:
+        a = parts.alphas_cumprod[t]
+        timesteps = torch.full((MEASURE_SEEDS,), t)
+        negative = parts.predict_noise(noise, timesteps, context[:1].expand(MEASURE_SEEDS, -1, -1))
+        positive = parts.predict_noise(noise, timesteps, context[1:].expand(MEASURE_SEEDS, -1, -1))
+        eps = negative + scale * (positive - negative)
+        means.append(((noise - (1 - a).sqrt() * eps) / a.sqrt()).mean(dim=0))
+    return torch.stack(means)
+
+
+def guided_figures(parts, attached, prompt: str, negative_prompt: str, scale: float) -> dict:
+    """learning_figures' measure for one guided prompt pair (the axis starts at the world's mean)."""
+    images, _ = world_images()
+    start = encode(parts, images).mean(dim=0)
+    concept = encode(parts, concept_images()).mean(dim=0)
+    before = guided_latents(parts, prompt, negative_prompt, scale)
+    with attached():
+        after = guided_latents(parts, prompt, negative_prompt, scale)
+    return {
+        "toward_concept": round(position(after, start, concept) - position(before, start, concept), 3),
+        "distance_before": round(distance(before, concept), 2),
+        "distance_after": round(distance(after, concept), 2),
+    }

@@ -148,6 +148,24 @@ def test_hypernetwork_adapter_writes_an_a1111_file_chart_and_samples(model, tmp_
     assert (tmp_path / "skkmtn_hypernet_loss.png").exists() and (tmp_path / "skkmtn_hypernet_samples.png").exists()
 
 
+def test_embedding_and_dreamartist_adapters_write_their_embeddings(model, tmp_path, capsys):
+    from trainer_core.adapters.embedding import load_embedding
+    assert train(tmp_path, "--adapter", "embedding", "--steps", "4", "--vectors", "2") == 0
+    vectors, step, metadata = load_embedding(str(tmp_path / "skkmtn_emb.safetensors"))
+    assert vectors.shape == (2, 32) and step == 4 and metadata["mode"] == "textual_inversion"
+    assert train(tmp_path, "--adapter", "dreamartist", "--steps", "4", "--save-every", "2") == 0
+    assert {"skkmtn_da.safetensors", "skkmtn_da-neg.safetensors", "skkmtn_da-2.safetensors",
+            "skkmtn_da-2-neg.safetensors"} <= set(adapter_files(tmp_path))
+    negative, _, metadata = load_embedding(str(tmp_path / "skkmtn_da-neg.safetensors"))
+    assert negative.shape == (6, 32) and metadata["mode"] == "dreamartist"
+    assert (tmp_path / "skkmtn_da_samples.png").exists()
+    capsys.readouterr()
+    assert train(tmp_path, "--adapter", "embedding", "--name", "cat") == 2
+    assert "ordinary word" in capsys.readouterr().err
+    assert train(tmp_path, "--adapter", "embedding", "--name", "runs/skk") == 2
+    assert "has a path in it" in capsys.readouterr().err
+
+
 # --- bad input: exit code 2 and the option's name ---------------------------------------------
 
 

@@ -8,12 +8,14 @@ latent, before and after.
 import pytest
 import torch
 
-from learning import SIZE, TOKEN, concept_images, learning_figures, pretrained_tiny_parts, world_images
+from learning import (SIZE, TOKEN, concept_images, guided_figures, learning_figures, predicted_latents,
+                      pretrained_tiny_parts, world_images)
+from trainer_core.adapters.embedding import EmbeddingConfig, default_learning_rate, embedding_dataset
 from trainer_core.adapters.hypernetwork import HypernetworkConfig
 from trainer_core.adapters.lora import LoRAConfig
 from trainer_core.config import TrainConfig
 from trainer_core.dataset import DatasetConfig, ImageDataset, RegularizationSet
-from trainer_core.train import train_hypernetwork, train_lora
+from trainer_core.train import train_embedding, train_hypernetwork, train_lora
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +74,51 @@ def test_hypernetwork_moves_outputs_toward_the_dataset(base, concept, tmp_path):
     print(f"\nhypernetwork: {token}")
     assert token["toward_concept"] > 0.05, "the outputs did not move toward the dataset"
     assert token["distance_after"] < 0.97 * token["distance_before"]
+
+
+EMBEDDING = "skkmtn_emb"
+EMBEDDING_STEPS = 100
+
+
+@pytest.fixture(scope="module")
+def embeddings(base, concept, tmp_path_factory):
+    """Textual inversion and DreamArtist trained the same number of steps, each at its default
+    learning rate, on the concept's captions with the trigger word read as the embedding."""
+    dataset = embedding_dataset(concept, EMBEDDING, None)
+    trained = {}
+    for mode in ("textual_inversion", "dreamartist"):
+        config = train_config(tmp_path_factory.mktemp(mode), EMBEDDING, EMBEDDING_STEPS,
+                              default_learning_rate(mode), 6)
+        trained[mode] = train_embedding(base, dataset, EmbeddingConfig(mode=mode), config).adapter
+    return trained
+
+
+def embedding_report(base, vectors, negative_prompt):
+    """Figures with the embedding alone (no guidance) and with guidance at the training scale 3."""
+    attached = lambda: vectors.attached(base)  # noqa: E731
+    prompt = f"embedding:{EMBEDDING}"
+    return {"alone": learning_figures(base, attached, [prompt])[prompt],
+            "guided": guided_figures(base, attached, prompt, negative_prompt, 3.0)}
+
+
+def test_embedding_prompts_without_it_give_exactly_the_base_output(base, embeddings):
+    for mode, vectors in embeddings.items():
+        for caption in world_images()[1][:3] + [TOKEN]:
+            before = predicted_latents(base, caption)
+            with vectors.attached(base):
+                assert torch.equal(predicted_latents(base, caption), before), (mode, caption)
+
+
+def test_textual_inversion_and_dreamartist_move_toward_the_concept(base, embeddings):
+    figures = {
+        "textual_inversion": embedding_report(base, embeddings["textual_inversion"], ""),
+        "dreamartist": embedding_report(base, embeddings["dreamartist"], f"embedding:{EMBEDDING}-neg"),
+    }
+    print(f"\nembeddings after {EMBEDDING_STEPS} steps (alone: embedding:{EMBEDDING} without guidance; guided: "
+          f"cfg 3 with an empty negative (TI) or embedding:{EMBEDDING}-neg (DreamArtist)):")
+    for mode, figure in figures.items():
+        print(f"  {mode}: {figure}")
+    for mode, figure in figures.items():
+        assert figure["alone"]["toward_concept"] > 0.08, mode
+        assert figure["alone"]["distance_after"] < 0.97 * figure["alone"]["distance_before"], mode
+        assert figure["guided"]["toward_concept"] > 0.08, mode

@@ -92,7 +92,8 @@ def _stub_comfy_api():
 
 
 def _stub_folder_paths(root):
-    folders = {name: os.path.join(root, name) for name in ("input", "output", "loras", "hypernetworks", "checkpoints")}
+    folders = {name: os.path.join(root, name)
+               for name in ("input", "output", "loras", "hypernetworks", "checkpoints", "embeddings")}
     for path in folders.values():
         os.makedirs(path, exist_ok=True)
     module = types.ModuleType("folder_paths")

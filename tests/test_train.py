@@ -115,7 +115,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_save(parts, dataset, tmp_p
         return out * float("nan") if calls["n"] > 4 else out
 
     monkeypatch.setattr(parts, "predict_noise", poisoned)
-    with pytest.raises(TrainingStopped, match=r"step 5.*learning rate") as stopped:
+    with pytest.raises(TrainingStopped, match=r"step 5.*learning_rate") as stopped:
         train_lora(parts, dataset, LoRAConfig(), config(tmp_path, steps=8, save_every_steps=2))
     assert stopped.value.last_save.endswith("run_4.safetensors")
     load_lora(stopped.value.last_save)

@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .adapters.embedding import (EmbeddingConfig, EmbeddingVectors, check_embedding_name, default_learning_rate,
+                                  embedding_dataset, placeholder)
 from .adapters.hypernetwork import Hypernetwork, HypernetworkConfig
 from .adapters.lora import LoRAConfig
 # The module, not its functions: diffusers itself is imported only when a model is built.
@@ -31,7 +33,14 @@ from .formats import UNET_PREFIX, atomic_write, file_short_hash, load_lora, safe
 from .merge import SAVE_PRECISIONS, checkpoint_lora_keys, lora_hash, merge_into_checkpoint, merge_metadata
 from .plots import labelled_grid, loss_chart
 from .sampling import sample_images
-from .train import Callbacks, train_hypernetwork, train_lora
+from .prompt_templates import read_template
+from .train import Callbacks, train_embedding, train_hypernetwork, train_lora
+
+ADAPTERS = ("lora", "hypernetwork", "embedding", "dreamartist")
+# The config section each adapter reads its options from, and the default output name's suffix.
+ADAPTER_SECTIONS = {"lora": "lora", "hypernetwork": "hypernetwork", "embedding": "embedding",
+                    "dreamartist": "embedding"}
+OUTPUT_SUFFIXES = {"lora": "lora", "hypernetwork": "hypernet", "embedding": "emb", "dreamartist": "da"}
 
 SAMPLE_DATASET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_dataset")
 TINY_DEFAULTS = {"resolution": 64, "steps": 500, "save_every_steps": 200}
@@ -49,7 +58,8 @@ CLI_FLAGS = {
     "resume_from": "--resume", "class_prompt": "--class-prompt", "reg_folder": "--reg-data",
     "blank_count": "--reg-blank", "use_caption_files": "--reg-captions", "layer_structure": "--layer-structure",
     "activation": "--activation", "output_dir": "--output-dir", "output_name": "--name",
-    "overwrite": "--overwrite", "force_retrain": "--force-retrain",
+    "overwrite": "--overwrite", "force_retrain": "--force-retrain", "vectors": "--vectors",
+    "init_text": "--init-text",
 }
 
 
@@ -74,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer_core", description=__doc__,
                                      formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a LoRA or a hypernetwork", formatter_class=_HelpFormatter,
-                           description="Train a LoRA or a hypernetwork. A flag given on the command line "
+    train = sub.add_parser("train", help="train a LoRA, a hypernetwork or an embedding",
+                           formatter_class=_HelpFormatter,
+                           description="Train a LoRA, a hypernetwork or an embedding. A flag given on the command line "
                                        "wins over the same option in --config.")
     add = train.add_argument
     tiny = "with the built-in model"
@@ -83,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: none")
     add("--model", default="", help="diffusers folder or SD1.x .safetensors/.ckpt checkpoint; "
                                    "default: the built-in demo model")
-    add("--adapter", choices=("lora", "hypernetwork"), default="lora", help="what to train")
+    add("--adapter", choices=ADAPTERS, default="lora",
+        help="what to train; embedding: textual inversion; dreamartist: a positive + negative embedding pair")
     add("--data", default="", help="folder of images with .txt captions; default: the sample dataset")
     add("--token", default="", help="instance token (trigger word) tied to your subject; default: skkmtn, "
                                    "the sample dataset's")
@@ -125,8 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
                                               f"{_default(HypernetworkConfig, 'layer_structure')}")
     add("--activation", default="", help=f"hypernetwork activation; default: "
                                          f"{_default(HypernetworkConfig, 'activation')}")
+    add("--vectors", type=int, help=f"embedding vectors per word; default: {_default(EmbeddingConfig, 'vectors')}")
+    add("--init-text", default=None, help=f"word(s) the embedding vectors start from; default: "
+                                         f"{_default(EmbeddingConfig, 'init_text')}")
+    add("--template", default="subject_filewords",
+        help="A1111 prompt template for embeddings ([name] = the embedding), a shipped name or a .txt path")
     add("--output-dir", default="runs", help="folder the trained files go to")
-    add("--name", default="", help="output file name; default: <token>_lora or <token>_hypernet")
+    add("--name", default="", help="output file name (for an embedding: the new word); default: <token>_lora, "
+                                  "<token>_hypernet, <token>_emb or <token>_da")
     add("--overwrite", action="store_true",
         help="replace files of the same name that a DIFFERENT training (other settings or pictures) wrote; "
              "without it such a clash stops with a message")
@@ -181,7 +199,7 @@ def run_merge(args) -> int:
 
 
 def _sections(args) -> dict:
-    sections = {"dataset": {}, "train": {}, "lora": {}, "hypernetwork": {}, "regularization": {}}
+    sections = {"dataset": {}, "train": {}, "lora": {}, "hypernetwork": {}, "embedding": {}, "regularization": {}}
     if args.config:
         try:
             with open(args.config, encoding="utf-8") as f:
@@ -236,6 +254,12 @@ def configs_from_args(args) -> dict:
     _set(s["hypernetwork"], "activation", args.activation)
     if args.adapter == "hypernetwork":
         s["train"].setdefault("learning_rate", 1e-5 if not tiny else 1e-3)
+    if args.adapter in ("embedding", "dreamartist"):
+        s["embedding"]["mode"] = "dreamartist" if args.adapter == "dreamartist" else "textual_inversion"
+        _set(s["embedding"], "vectors", args.vectors)
+        if args.init_text is not None:
+            s["embedding"]["init_text"] = args.init_text
+        s["train"].setdefault("learning_rate", default_learning_rate(s["embedding"]["mode"]))
     _set(s["regularization"], "class_prompt", args.class_prompt)
     _set(s["regularization"], "folder", args.reg_data)
     _set(s["regularization"], "blank_count", args.reg_blank)
@@ -243,18 +267,21 @@ def configs_from_args(args) -> dict:
 
     dataset_config = _build(DatasetConfig, s["dataset"], "dataset")
     dataset_config.validate()
-    suffix = "lora" if args.adapter == "lora" else "hypernet"
+    suffix = OUTPUT_SUFFIXES[args.adapter]
     s["train"].setdefault("output_name", args.name or f"{dataset_config.instance_token}_{suffix}")
     configs = {
         "dataset": dataset_config,
         "train": TrainConfig.from_dict(s["train"]),
         "lora": _build(LoRAConfig, s["lora"], "lora"),
         "hypernetwork": _build(HypernetworkConfig, s["hypernetwork"], "hypernetwork"),
+        "embedding": _build(EmbeddingConfig, s["embedding"], "embedding"),
         "regularization": s["regularization"],
     }
     # Everything is checked before a (possibly multi-GB) model is loaded.
     configs["train"].validate()
-    configs[args.adapter].validate()
+    configs[ADAPTER_SECTIONS[args.adapter]].validate()
+    if args.adapter in ("embedding", "dreamartist"):
+        check_embedding_name(configs["train"].output_name)
     return configs
 
 
@@ -308,10 +335,19 @@ def run_train(args) -> int:
         bar.update(step - bar.n)
 
     callbacks = Callbacks(on_step=on_step)
+    prompt = configs["dataset"].instance_prompt
     # Log lines (each save, warnings) are printed above the bar instead of through it.
     with logging_redirect_tqdm():
         try:
-            if args.adapter == "lora":
+            if args.adapter in ("embedding", "dreamartist"):
+                if regularization is not None:
+                    log.warning("regularization images are not used for embeddings: their captions do not hold "
+                                "the new word, so they cannot change its vectors")
+                name = train_config.output_name
+                dataset = embedding_dataset(dataset, name, read_template(args.template))
+                prompt = " ".join(filter(None, [placeholder(name), configs["dataset"].class_token.strip()]))
+                result = train_embedding(parts, dataset, configs["embedding"], train_config, callbacks=callbacks)
+            elif args.adapter == "lora":
                 result = train_lora(parts, dataset, configs["lora"], train_config, regularization, callbacks)
             else:
                 result = train_hypernetwork(parts, dataset, configs["hypernetwork"], train_config,
@@ -323,7 +359,7 @@ def run_train(args) -> int:
         return 0  # the first process writes the files and the report
     if result.from_cache and os.path.exists(report_paths(result.final_path)[1]):
         return 0  # the trainer said so; the report beside the file is this run's already
-    write_report(parts, result, train_config, configs["dataset"].instance_prompt, configs["dataset"].resolution)
+    write_report(parts, result, train_config, prompt, configs["dataset"].resolution)
     return 0
 
 
@@ -353,6 +389,8 @@ def write_report(parts, result, train_config, prompt: str, resolution: int):
 
 
 def _attach_args(adapter, parts) -> tuple:
+    if isinstance(adapter, EmbeddingVectors):
+        return (parts,)
     return (parts.unet,) if isinstance(adapter, Hypernetwork) else ()
 
 

@@ -19,7 +19,12 @@ from .formats import load_lora, lora_metadata, safe_output_path, save_lora
 @runtime_checkable
 class TrainingJob(Protocol):
     """What the training loop needs of an adapter. A job is built from (parts, adapter config,
-    train config, dataset) and owns the trainable module."""
+    train config, dataset) and owns the trainable module.
+
+    Two methods are optional (the loop uses them when a job has them; see EmbeddingJob):
+    `predict(noisy, timesteps, captions)` computes the output the loss is taken on (default: the
+    UNet on the encoded captions), and `intermediate_name(output_name, step)` names a save made
+    during training (default: `<output_name>_<step>`)."""
 
     kind: str                 # the adapter's name in messages: "LoRA", "hypernetwork"
     suffix: str               # its file's extension, ".safetensors" / ".pt"

@@ -45,3 +45,10 @@ class ModelParts:
     # Identifies the base model for file metadata and the training cache.
     base_model_hash: str = ""
     base_model_name: str = ""
+    # Textual inversion (None where a backend cannot train embeddings): the token ids of a text
+    # (without start/end tokens), the input-embedding rows [k, width] of token ids, and
+    # (captions, {name: [n, width] vectors}) -> context, reading `embedding:<name>` in a caption
+    # as ComfyUI's prompts do, with gradients flowing into the vectors.
+    tokenize: Optional[Callable[[str], list]] = None
+    token_embeddings: Optional[Callable[[list], torch.Tensor]] = None
+    encode_text_with_embeddings: Optional[Callable[[list, dict], torch.Tensor]] = None

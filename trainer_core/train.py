@@ -75,6 +75,23 @@ def train_hypernetwork(parts: ModelParts, dataset, hypernetwork_config, train_co
     return _run(parts, job, dataset, train_config, regularization, callbacks or Callbacks())
 
 
+def train_embedding(parts: ModelParts, dataset, embedding_config, train_config: TrainConfig,
+                    regularization=None, callbacks: Optional[Callbacks] = None,
+                    embedding_folders: Optional[list] = None) -> TrainResult:
+    """Textual inversion or DreamArtist. `dataset` must already caption with `embedding:<name>`
+    (adapters.embedding.embedding_dataset); `embedding_folders` are searched for other files that
+    `embedding:<name>` would find (default: the output folder)."""
+    from .adapters.embedding import EmbeddingJob
+    embedding_config.validate()
+    train_config.validate()
+    with _seeded(train_config.seed):
+        job = EmbeddingJob(parts, embedding_config, train_config, dataset)
+    planned = [_step_path(job, train_config, s) for s in _save_steps(train_config)]
+    planned.append(job.output_path(train_config.output_name))
+    job.check_clashes(embedding_folders or [train_config.output_dir], planned, train_config.overwrite)
+    return _run(parts, job, dataset, train_config, regularization, callbacks or Callbacks())
+
+
 @contextlib.contextmanager
 def _seeded(seed):
     """Initial adapter weights come from the run's seed, without touching the caller's RNG."""
@@ -124,7 +141,7 @@ def _run(parts, job: TrainingJob, dataset, config: TrainConfig, regularization,
                 f"{start_step}; set {name_of('steps')} above {start_step} to train further.")
 
     # The files this run writes. Those of the run it continues are its own to replace.
-    planned = [job.output_path(f"{config.output_name}_{s}") for s in _save_steps(config) if s > start_step]
+    planned = [_step_path(job, config, s) for s in _save_steps(config) if s > start_step]
     planned.append(final_path)
     own_keys = {key, resumed_key} - {None}
     for path in planned:
@@ -139,6 +156,12 @@ def _run(parts, job: TrainingJob, dataset, config: TrainConfig, regularization,
         saved = loop.run(start_step, losses, optimizer_state, final_path)
     return TrainResult(adapter=job.module, final_path=final_path, saved_paths=saved, losses=loop.losses,
                        from_cache=False, kohya_state_dict=job.file_state_dict())
+
+
+def _step_path(job, config: TrainConfig, step: int) -> str:
+    """An intermediate save: <output_name>_<step>, or the job's own naming (embeddings: <name>-<step>)."""
+    name = getattr(job, "intermediate_name", None)
+    return job.output_path(name(config.output_name, step) if name else f"{config.output_name}_{step}")
 
 
 def _save_steps(config: TrainConfig) -> list:
@@ -299,7 +322,7 @@ class _Loop:
                 if self.callbacks.on_step and self.rank == 0:
                     self.callbacks.on_step(step, config.steps, loss)
                 if config.save_every_steps and step % config.save_every_steps == 0 and step < config.steps:
-                    self._save(job.output_path(f"{config.output_name}_{step}"), step, optimizer)
+                    self._save(_step_path(job, config, step), step, optimizer)
                 # The last step always shows its chart (and sample) while the adapter is attached.
                 self._maybe_preview(step, force=step == config.steps)
             self._save(final_path, config.steps, optimizer)
@@ -376,7 +399,6 @@ class _Loop:
         flips = [dataset.config.flip and rng.random() < 0.5 for _ in indices]
         captions = [dataset.caption(i, rng) for i in indices]
         latents = self._latents(dataset, indices, flips, n, stream)
-        context = self._context(captions)
         batch = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator).to(self.device)
         if self.config.noise_offset:
@@ -389,8 +411,13 @@ class _Loop:
             target = alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
         else:
             target = noise
+        # A job may compute the prediction itself (DreamArtist combines two UNet outputs).
+        predict = getattr(self.job, "predict", None)
         with self._autocast():
-            prediction = self.parts.predict_noise(noisy.to(self.parts.dtype), timesteps, context)
+            if predict is not None:
+                prediction = predict(noisy.to(self.parts.dtype), timesteps, captions)
+            else:
+                prediction = self.parts.predict_noise(noisy.to(self.parts.dtype), timesteps, self._context(captions))
         per_sample = torch.nn.functional.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
         if self.config.min_snr_gamma:
             per_sample = per_sample * self._min_snr_weight(alpha.view(-1))

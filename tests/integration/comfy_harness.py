@@ -68,7 +68,8 @@ class ComfyUI:
     def __init__(self, root):
         self.root = root
         self.folders = {name: os.path.join(root, name) for name in
-                        ("checkpoints", "loras", "hypernetworks", "input", "output", "temp", "custom_nodes")}
+                        ("checkpoints", "loras", "hypernetworks", "embeddings", "input", "output", "temp",
+                         "custom_nodes")}
         for path in self.folders.values():
             os.makedirs(path, exist_ok=True)
         self.progress = []          # (node_id, value, total, has_preview) per progress-bar update
@@ -88,7 +89,7 @@ class ComfyUI:
         from comfy.cli_args import args
         args.cpu = True  # read when comfy.model_management is first imported
         import folder_paths
-        for name in ("checkpoints", "loras", "hypernetworks"):
+        for name in ("checkpoints", "loras", "hypernetworks", "embeddings"):
             folder_paths.folder_names_and_paths[name] = ([self.folders[name]], folder_paths.supported_pt_extensions)
         folder_paths.set_input_directory(self.folders["input"])
         folder_paths.set_output_directory(self.folders["output"])

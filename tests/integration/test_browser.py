@@ -120,7 +120,8 @@ def widget_problems(workflow: dict, rendered: dict, our_nodes: dict) -> list:
 
 # The cards of this pack in the template browser: the frontend makes one per .json the server
 # lists, titled with the file name (it reads no titles or descriptions for custom nodes).
-CARDS = ["hypernet_train_then_generate", "lora_train_merge", "lora_train_then_generate"]
+CARDS = ["embedding_train_then_generate", "hypernet_train_then_generate", "lora_train_merge",
+         "lora_train_then_generate"]
 
 
 def test_template_browser_lists_the_example_workflows_and_opens_one(comfy):

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import pickle
+import re
 
 import safetensors.torch
 import torch
@@ -147,6 +148,8 @@ def parts_from_diffusers(unet, text_encoder, tokenizer, vae, alphas_cumprod, pre
     def decode_latents(latents):
         return vae.decode(latents.to(device, vae.dtype) / scaling_factor).sample.clamp(-1, 1)
 
+    tokenize, token_embeddings, encode_text_with_embeddings = _embedding_functions(
+        tokenizer, text_encoder, max_length, device)
     return ModelParts(
         unet=unet, predict_noise=predict_noise, text_encoder=text_encoder, encode_text=encode_text,
         encode_images=encode_images, decode_latents=decode_latents,
@@ -154,7 +157,70 @@ def parts_from_diffusers(unet, text_encoder, tokenizer, vae, alphas_cumprod, pre
         prediction_type=prediction_type,
         unet_lora_targets=kohya_unet_targets(unet),
         text_encoder_lora_targets=kohya_text_encoder_targets(text_encoder),
-        device=device, dtype=dtype, base_model_hash=model_hash, base_model_name=name)
+        device=device, dtype=dtype, base_model_hash=model_hash, base_model_name=name,
+        tokenize=tokenize, token_embeddings=token_embeddings,
+        encode_text_with_embeddings=encode_text_with_embeddings)
+
+
+# -- embeddings in prompts ---------------------------------------------------------------------
+EMBEDDING_MENTION = re.compile(r"(?<!\S)embedding:(\S+)")
+
+
+def _embedding_functions(tokenizer, text_encoder, max_length, device):
+    """(tokenize, token_embeddings, encode_text_with_embeddings) for textual inversion.
+
+    A caption names vectors as ComfyUI's prompts do, `embedding:<name>` (the name runs to the next
+    space; trailing commas are not part of it). The vectors take the name's place in the token
+    sequence: a forward hook puts them into the token-embedding output, so the text encoder runs
+    unchanged and gradients reach the vectors.
+    """
+    token_embedding = text_encoder.get_input_embeddings()
+
+    def tokenize(text):
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    def token_embeddings(ids):
+        return token_embedding.weight[torch.as_tensor(list(ids), dtype=torch.long)].detach()
+
+    def sequence(caption, embeddings):
+        """Token ids, with (name, row) in the places of vectors."""
+        pieces, start = [], 0
+        for match in EMBEDDING_MENTION.finditer(caption):
+            word, leftover = match.group(1), ""
+            if word not in embeddings and word.strip(",") in embeddings:
+                leftover = word[len(word.strip(",")):]
+                word = word.strip(",")
+            pieces += tokenize(caption[start:match.start()])
+            if word in embeddings:
+                pieces += [(word, row) for row in range(embeddings[word].shape[0])]
+            else:
+                log.warning("embedding:%s is not one of the trained embeddings; left out", word)
+            pieces += tokenize(leftover)
+            start = match.end()
+        pieces += tokenize(caption[start:])
+        body = pieces[:max_length - 2]
+        return [tokenizer.bos_token_id] + body + [tokenizer.eos_token_id] + \
+            [tokenizer.pad_token_id] * (max_length - 2 - len(body))
+
+    def encode_text_with_embeddings(captions, embeddings):
+        sequences = [sequence(caption, embeddings) for caption in captions]
+        places = [(b, p, item) for b, items in enumerate(sequences) for p, item in enumerate(items)
+                  if isinstance(item, tuple)]
+        ids = torch.tensor([[0 if isinstance(item, tuple) else item for item in items] for items in sequences])
+        if not places:
+            return text_encoder(ids.to(device))[0]
+        rows = torch.stack([embeddings[name][row] for _, _, (name, row) in places])
+        index = (torch.tensor([b for b, _, _ in places]), torch.tensor([p for _, p, _ in places]))
+
+        def insert(module, args, output):
+            return output.index_put(tuple(i.to(output.device) for i in index), rows.to(output.device, output.dtype))
+        handle = token_embedding.register_forward_hook(insert)
+        try:
+            return text_encoder(ids.to(device))[0]
+        finally:
+            handle.remove()
+
+    return tokenize, token_embeddings, encode_text_with_embeddings
 
 
 def _choose_attention(modules, device) -> None:
