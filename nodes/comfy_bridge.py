@@ -246,7 +246,7 @@ def training_context(*modules):
 
 
 @contextlib.contextmanager
-def training_models(model, clip, train_text_encoder=False):
+def training_models(model, clip):
     """The (MODEL, CLIP) to train on, with ComfyUI told that training is under way.
 
     Newer ComfyUI (dynamic VRAM, on NVIDIA by default) makes every loaded model a
@@ -256,20 +256,15 @@ def training_models(model, clip, train_text_encoder=False):
     for every forward and backward pass is slow, so a dynamic model is cloned non-dynamic where
     ComfyUI can rebuild it (a model from a core loader carries its cached_patcher_init): that
     clone loads fully on the GPU, as every model does on older ComfyUI. Where it cannot, the
-    dynamic model itself is trained, its adapters on the GPU (ModelParts.device). The CLIP is
-    cloned only when the text encoder trains; encoding captions streams as core's encode does.
+    dynamic model itself is trained, its adapters on the GPU (ModelParts.device). The CLIP, small
+    beside the UNet, is used as given: its layers stream, its adapters sit on its load device
+    (ModelParts.text_encoder_device) and the captions go there, as in core's encode; the nodes
+    that train through it (text-encoder LoRA, embeddings) keep working on the CLIP they hold.
 
     comfy.model_management.in_training is set meanwhile, as core's trainer sets it, so ComfyUI
     keeps its inference-only shortcuts (in-place and fused ops) out of the backward pass.
     """
     model = _non_dynamic(model, "MODEL")
-    if train_text_encoder:
-        trained_clip = _non_dynamic(clip, "CLIP")
-        if trained_clip is not clip:
-            # CLIP.clone keeps the old text encoder module beside the rebuilt patcher's new one:
-            # encode with, and hook, the one the patcher loads.
-            trained_clip.cond_stage_model = trained_clip.patcher.model
-        clip = trained_clip
     has_flag = hasattr(comfy.model_management, "in_training")
     previous = getattr(comfy.model_management, "in_training", False)
     if has_flag:

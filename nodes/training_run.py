@@ -23,7 +23,7 @@ def run_training(model, clip, vae, steps: int, hidden, train, train_text_encoder
     bridge.check_sd1(model)
     progress = bridge.ComfyCallbacks(steps, hidden.unique_id)
     try:
-        with bridge.training_models(model, clip, train_text_encoder) as (trained_model, trained_clip):
+        with bridge.training_models(model, clip) as (trained_model, trained_clip):
             parts = bridge.build_parts(trained_model, trained_clip, vae)
             parts.base_model_name = bridge.checkpoint_name(hidden.prompt, hidden.unique_id)
             trained = [parts.unet, parts.text_encoder] if train_text_encoder else [parts.unet]

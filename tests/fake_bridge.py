@@ -24,8 +24,8 @@ class FakeBridge(types.SimpleNamespace):
     def checkpoint_name(self, prompt, node_id):
         return f"checkpoint of node {node_id} in {prompt}"
 
-    def training_models(self, model, clip, train_text_encoder=False):
-        self.calls.append(("training_models", model, clip, train_text_encoder))
+    def training_models(self, model, clip):
+        self.calls.append(("training_models", model, clip))
         return contextlib.nullcontext((model, clip))
 
     def training_context(self, *modules):
