@@ -20,6 +20,18 @@ is one forward+backward of the same ComfyUI UNet with no adapter. The CLI line i
 benchmarks/bench_cli.py on the diffusers backend (the tiny built-in model, or --checkpoint).
 With no --checkpoint the tiny SD1 checkpoint of the integration tests is written and used.
 Compare only figures from one run: the machine and thread count must be the same.
+
+Full-size mode (issue 17): the whole SD1.5 architecture with random weights at 512 px.
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_comfyui.py --full-size
+        [--rows ours,ours_checkpointing,core_fp32,core_default,ours_busy,cli] [--steps 3]
+
+The checkpoint is tests/integration/full_size_sd15.py's (written on first use, about 15-25 s;
+$SD15_FULL_SIZE_CHECKPOINT keeps it between runs). Batch 1, rank 8, one picture (so one warm-up
+step covers our first encode), one warm-up step, then --steps timed steps for every row. Each row
+prints s/step, the process's peak RSS, the RSS added while the training node ran, and the
+trainer's memory plan estimate against the measured peak; then the ratios against issue 17's
+targets (TrainLoraNode at each setting, kohya sd-scripts' figure from the issue).
 """
 from __future__ import annotations
 
@@ -33,6 +45,11 @@ import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import (  # noqa: E402
+    KOHYA_PEAK_GB, KOHYA_SECONDS_PER_STEP, MemoryPlanCatcher, busy_core, estimate_text, full_size_checkpoint,
+    sample_subset)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INTEGRATION = os.path.join(REPO, "tests", "integration")
@@ -73,7 +90,10 @@ def start_comfyui(spec):
     for folder in ("checkpoints", "input"):
         os.makedirs(os.path.join(root, folder), exist_ok=True)
     os.symlink(spec["checkpoint"], os.path.join(root, "checkpoints", CHECKPOINT_NAME))
-    shutil.copytree(SAMPLES, os.path.join(root, "input", CORE_DATASET_FOLDER))
+    if spec.get("pictures"):
+        sample_subset(os.path.join(root, "input", CORE_DATASET_FOLDER), spec["pictures"])
+    else:
+        shutil.copytree(SAMPLES, os.path.join(root, "input", CORE_DATASET_FOLDER))
     from comfy_harness import ComfyUI
     comfyui = ComfyUI(root)
     if not comfyui.pack_loaded:
@@ -96,7 +116,8 @@ def inputs_with_defaults(comfyui, class_type, **values) -> dict:
 
 
 def build_our_prompt(comfyui, spec) -> dict:
-    sample_dataset = comfyui.pack_module("nodes.dataset").SAMPLE_DATASET
+    # With a picture count both trainers read the same subset, from the same input folder.
+    sample_dataset = CORE_DATASET_FOLDER if spec.get("pictures") else comfyui.pack_module("nodes.dataset").SAMPLE_DATASET
     return {
         "1": inputs_with_defaults(comfyui, "CheckpointLoaderSimple", ckpt_name=CHECKPOINT_NAME),
         "2": inputs_with_defaults(comfyui, "LoadDataset", folder=sample_dataset, instance_token=INSTANCE_TOKEN,
@@ -292,11 +313,15 @@ MEASURES = {"ours": measure_ours, "core": measure_core, "bare": measure_bare}
 
 
 def worker(spec: dict) -> None:
+    plan = MemoryPlanCatcher()
     comfyui = start_comfyui(spec)
+    plan.enable()
     import torch
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    result = MEASURES[spec["kind"]](comfyui, spec)
+    with busy_core(spec.get("busy_core", False)):
+        result = MEASURES[spec["kind"]](comfyui, spec)
+    result.update(estimate_mb=plan.estimate_mb, busy_core=spec.get("busy_core", False))
     planned = spec["warmup"] + spec["steps"]
     if result["steps_done"] != planned:
         raise RuntimeError(f"{spec['kind']}: {result['steps_done']} steps timed, {planned} planned")
@@ -355,6 +380,18 @@ def measure_cli(args) -> dict:
     except RuntimeError as error:
         # The diffusers backend loads only full SD1.x files; the ComfyUI figures stand without it.
         return {"error": str(error).strip().splitlines()[-1]}
+
+
+def measure_full_size_cli(args, checkpoint, busy=False) -> dict:
+    command = [sys.executable, BENCH_CLI, "--json", "--model", checkpoint, "--pictures", "1", "--no-bare",
+               "--steps", str(args.steps), "--batch", str(args.batch), "--rank", str(args.rank),
+               "--threads", str(args.threads), "--resolution", str(args.resolution)]
+    if busy:
+        command.append("--busy-core")
+    print(f"  running {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    result = run_subprocess(command, args.threads, "bench_cli.py")
+    print(f"  cli: {result['ours_ms'] / 1000:.2f} s/step", file=sys.stderr, flush=True)
+    return result
 
 
 def write_tiny_checkpoint(path) -> None:
@@ -499,17 +536,148 @@ def report(args, results, cli, total_seconds, load_before) -> None:
     print(f"benchmark wall time {total_seconds:.0f} s")
 
 
+# -- full-size mode ------------------------------------------------------------------------------
+
+FULL_SIZE_ROWS = {
+    # row: (label, measurement kind, settings)
+    "ours": ("ours  LoRATrain, defaults", "ours", {}),
+    "ours_checkpointing": ("ours  with gradient checkpointing", "ours", {"our_checkpointing": True}),
+    "core_fp32": ("core  TrainLoraNode fp32, no checkpointing", "core",
+                  {"core_dtype": "fp32", "core_checkpointing": False}),
+    "core_default": ("core  TrainLoraNode defaults (bf16, ckpt)", "core",
+                     {"core_dtype": "bf16", "core_checkpointing": True}),
+    "ours_busy": ("ours  defaults, one busy core beside it", "ours", {"busy_core": True}),
+    "cli": ("CLI   trainer_core, diffusers backend", "cli", {}),
+    "bare": ("bare  UNet forward+backward, no adapter", "bare", {}),
+}
+DEFAULT_FULL_SIZE_ROWS = "ours,ours_checkpointing,core_fp32,core_default,ours_busy,cli"
+TARGET_ADDED_MEMORY = 0.6    # ours with checkpointing adds <= 0.6x what core adds at its lowest
+TARGET_ESTIMATE = 0.25       # the memory plan within 25% of the measured peak
+
+
+def run_full_size(args) -> None:
+    rows = [row.strip() for row in args.rows.split(",") if row.strip()]
+    unknown = [row for row in rows if row not in FULL_SIZE_ROWS]
+    if unknown:
+        raise SystemExit(f"--rows: unknown {unknown}; choose from {','.join(FULL_SIZE_ROWS)}")
+    started, load_before = time.perf_counter(), load_average()
+    checkpoint = os.path.abspath(args.checkpoint) if args.checkpoint else full_size_checkpoint()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_comfyui_") as root:
+        for row in rows:
+            _, kind, settings = FULL_SIZE_ROWS[row]
+            if kind == "cli":
+                results[row] = measure_full_size_cli(args, checkpoint)
+            else:
+                results[row] = measure(kind, args, root, checkpoint, warmup=1, pictures=1, **settings)
+    report_full_size(args, checkpoint, results, time.perf_counter() - started, load_before)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(row.split(":", 1)[1].strip() for row in f if row.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+def seconds(result) -> float:
+    if "ours_ms" in result:  # bench_cli.py's figures
+        return result["ours_ms"] / 1000
+    return statistics.median(result["step_times"])
+
+
+def added_mb(result):
+    return result.get("added_mb") if "ours_ms" in result else trainer_added_mb(result)
+
+
+def full_size_line(label, result) -> str:
+    if "ours_ms" in result:
+        timing = f"{seconds(result):6.2f} s/step (median of {result['timed_steps']})"
+        memory = (f"process peak RSS {result['process_peak_mb']:.0f} MiB, while training {result['peak_mb']:.0f} MiB "
+                  f"(+{result['added_mb'] or 0:.0f})")
+        measured = result["peak_mb"]
+    else:
+        times = result["step_times"]
+        timing = (f"{seconds(result):6.2f} s/step (median of {len(times)}, min {min(times):.2f}, max {max(times):.2f}; "
+                  f"CPU time {statistics.median(result['step_cpu_times']):.2f})")
+        if "node_peak_rss_mb" not in result:
+            return f"{label:<44} {timing}"
+        memory = (f"process peak RSS {result['process_peak_rss_mb']:.0f} MiB, while training "
+                  f"{result['node_peak_rss_mb']:.0f} MiB (+{trainer_added_mb(result):.0f})")
+        measured = result.get("node_peak_vram_mb") or result["node_peak_rss_mb"]
+    if label.startswith("core"):
+        estimate = "estimate n/a (core's node has no memory plan)"
+    else:
+        estimate = estimate_text(result.get("estimate_mb"), measured, "peak while training")
+    return f"{label:<44} {timing}; {memory}; {estimate}"
+
+
+def report_full_size(args, checkpoint, results, total_seconds, load_before) -> None:
+    first = next((r for r in results.values() if "device" in r), {})
+    print(f"full-size SD1.5 (random weights, {checkpoint}); ComfyUI {comfyui_version()}; {cpu_model()}; device "
+          f"{first.get('device', 'cpu')}, torch threads {args.threads}; {args.resolution} px, batch {args.batch}, "
+          f"rank {args.rank}, 1 picture, 1 warm-up step + {args.steps} timed; OMP_WAIT_POLICY "
+          f"{os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}; load average before {load_before}, after {load_average()}")
+    for row, result in results.items():
+        print(full_size_line(FULL_SIZE_ROWS[row][0], result))
+    print(f"{'kohya sd-scripts (issue 17, not run here)':<44} {KOHYA_SECONDS_PER_STEP:6.2f} s/step; process peak "
+          f"{KOHYA_PEAK_GB} GB (fp32, checkpointing, --sdpa, cached latents, UNet only)")
+
+    print("targets (informational, one run):")
+    ours = results.get("ours")
+    cores = {row: results[row] for row in ("core_fp32", "core_default") if row in results}
+    if ours:
+        for row, core in cores.items():
+            speedup = seconds(core) / seconds(ours)
+            print(f"  ours defaults faster than {row}: {verdict(speedup > 1)} {speedup:.2f}x "
+                  f"({seconds(ours):.2f} vs {seconds(core):.2f} s/step)")
+        if args.resolution == 512 and args.batch == 1 and args.rank == 8:
+            kohya = KOHYA_SECONDS_PER_STEP / seconds(ours)
+            print(f"  ours defaults at least as fast as kohya's {KOHYA_SECONDS_PER_STEP} s/step (the issue's figure, "
+                  f"another run): {verdict(kohya >= 1)} {kohya:.2f}x")
+        else:
+            print("  against kohya: n/a (its figure is for 512 px, batch 1, rank 8)")
+    saving = results.get("ours_checkpointing")
+    if saving and cores:
+        lowest_row = min(cores, key=lambda row: trainer_added_mb(cores[row]))
+        share = trainer_added_mb(saving) / trainer_added_mb(cores[lowest_row])
+        print(f"  ours with checkpointing adds <= {TARGET_ADDED_MEMORY}x what {lowest_row} (core's lowest) adds: "
+              f"{verdict(share <= TARGET_ADDED_MEMORY)} {share:.2f} ({trainer_added_mb(saving):.0f} vs "
+              f"{trainer_added_mb(cores[lowest_row]):.0f} MiB)")
+    if ours and "ours_busy" in results:
+        print(f"  ours with one busy core / idle: {seconds(results['ours_busy']) / seconds(ours):.2f}x the step time")
+    for row, result in results.items():
+        estimate = result.get("estimate_mb")
+        measured = result.get("peak_mb") if "ours_ms" in result else (
+            result.get("node_peak_vram_mb") or result.get("node_peak_rss_mb"))
+        if FULL_SIZE_ROWS[row][1] in ("ours", "cli"):
+            if estimate is None or not measured:
+                print(f"  memory plan within {TARGET_ESTIMATE:.0%} ({row}): estimate n/a")
+            else:
+                error = estimate / measured - 1
+                print(f"  memory plan within {TARGET_ESTIMATE:.0%} ({row}): {verdict(abs(error) <= TARGET_ESTIMATE)} "
+                      f"{error:+.0%} ({estimate:.0f} vs {measured:.0f} MiB)")
+    print(f"benchmark wall time {total_seconds:.0f} s")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="", help="an SD1.x single-file checkpoint (default: the tiny one)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per trainer, after warm-up")
+    parser.add_argument("--steps", type=int, help="timed steps per trainer, after warm-up (default 20; "
+                                                  "3 with --full-size)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, the same for every measurement")
-    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--rank", type=int, help="default 4; 8 with --full-size")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--resolution", type=int, default=0, help="default: 64 (tiny model), 512 (--checkpoint)")
     parser.add_argument("--no-batch-8", action="store_true",
                         help="skip the batch 8 runs: core's node samples batch x batch pictures per step, which "
                              "takes many minutes per step at large resolutions on a CPU")
+    parser.add_argument("--full-size", action="store_true",
+                        help="the random full-size SD1.5 checkpoint at 512 px (issue 17's rows; see --rows)")
+    parser.add_argument("--rows", default=DEFAULT_FULL_SIZE_ROWS,
+                        help=f"full-size rows to run, comma-separated, from {','.join(FULL_SIZE_ROWS)} "
+                             f"(default {DEFAULT_FULL_SIZE_ROWS})")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--write-tiny-checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -521,7 +689,12 @@ def main():
         return
     if not COMFYUI_PATH:
         parser.error("set COMFYUI_PATH to a ComfyUI checkout whose requirements are installed in this Python")
-    args.resolution = args.resolution or (512 if args.checkpoint else 64)
+    args.resolution = args.resolution or (512 if args.checkpoint or args.full_size else 64)
+    args.steps = args.steps or (3 if args.full_size else 20)
+    args.rank = args.rank or (8 if args.full_size else 4)
+    if args.full_size:
+        run_full_size(args)
+        return
     started, load_before = time.perf_counter(), load_average()
     with tempfile.TemporaryDirectory(prefix="bench_comfyui_") as root:
         checkpoint = os.path.abspath(args.checkpoint or os.path.join(root, "tiny_sd1.safetensors"))

@@ -42,6 +42,10 @@ from ..trainer_core.train import Callbacks
 UNET_TARGET = re.compile(
     r"^lora_unet_(down_blocks_\d+|mid_block|up_blocks_\d+)_attentions_\d+_"
     r"(proj_in|proj_out|transformer_blocks_\d+_(attn[12]_to_(q|k|v|out_0)|ff_net_0_proj|ff_net_2))$")
+# The convolutions LoCon/LoHa/LoKr add: the ResNets' and the down/up samplers', by their kohya names.
+UNET_CONV_TARGET = re.compile(
+    r"^lora_unet_(down_blocks_\d+|mid_block|up_blocks_\d+)_"
+    r"(resnets_\d+_(conv1|conv2|conv_shortcut)|downsamplers_0_conv|upsamplers_0_conv)$")
 TEXT_ENCODER_TARGET = re.compile(
     r"^lora_te_text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])$")
 FINGERPRINT_SAMPLES_PER_TENSOR = 256
@@ -105,6 +109,7 @@ def build_parts(model, clip, vae) -> ModelParts:
         prediction_type=_prediction_type(model_sampling),
         unet_lora_targets=unet_lora_targets(model),
         text_encoder_lora_targets=text_encoder_lora_targets(clip),
+        unet_conv_targets=unet_conv_targets(model),
         device=device,
         text_encoder_device=clip.patcher.load_device,
         dtype=dtype,
@@ -183,18 +188,27 @@ def unet_lora_targets(model) -> dict:
     return _targets(key_map, UNET_TARGET, model.model)
 
 
+def unet_conv_targets(model) -> dict:
+    """kohya name -> UNet convolution for LoCon/LoHa/LoKr, from LoraLoader's key map."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    return _targets(key_map, UNET_CONV_TARGET, model.model, any_conv=True)
+
+
 def text_encoder_lora_targets(clip) -> dict:
     key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
     return _targets(key_map, TEXT_ENCODER_TARGET, clip.cond_stage_model)
 
 
-def _targets(key_map, pattern, root) -> dict:
+def _targets(key_map, pattern, root, any_conv=False) -> dict:
     targets = {}
     for kohya_name, weight_key in sorted(key_map.items()):
         if not pattern.match(kohya_name) or not isinstance(weight_key, str):
             continue
-        module = root.get_submodule(weight_key[:-len(".weight")])
-        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)):
+        try:
+            module = root.get_submodule(weight_key[:-len(".weight")])
+        except AttributeError:  # the map is built from the UNet's config; a smaller UNet lacks some layers
+            continue
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and (any_conv or module.kernel_size == (1, 1))):
             targets[kohya_name] = module
     return targets
 

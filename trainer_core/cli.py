@@ -23,7 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .adapters.embedding import (EmbeddingConfig, EmbeddingVectors, check_embedding_name, default_learning_rate,
                                   embedding_dataset, placeholder)
 from .adapters.hypernetwork import Hypernetwork, HypernetworkConfig
-from .adapters.lora import LoRAConfig
+from .adapters.lora import NETWORK_TYPES, LoRAConfig
 # The module, not its functions: diffusers itself is imported only when a model is built.
 from .backends import diffusers as backend
 from .config import TrainConfig
@@ -59,7 +59,8 @@ CLI_FLAGS = {
     "blank_count": "--reg-blank", "use_caption_files": "--reg-captions", "layer_structure": "--layer-structure",
     "activation": "--activation", "output_dir": "--output-dir", "output_name": "--name",
     "overwrite": "--overwrite", "force_retrain": "--force-retrain", "vectors": "--vectors",
-    "init_text": "--init-text",
+    "init_text": "--init-text", "network_type": "--network-type", "conv_rank": "--conv-rank",
+    "conv_alpha": "--conv-alpha", "factor": "--factor",
 }
 
 
@@ -111,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--rank", type=int, help=f"LoRA rank (its size); default: {_default(LoRAConfig, 'rank')}")
     add("--alpha", type=float, help=f"LoRA alpha; the LoRA is scaled by alpha / rank; default: "
                                    f"{_default(LoRAConfig, 'alpha'):g}")
+    add("--network-type", choices=NETWORK_TYPES,
+        help=f"lora, or a LyCORIS type: locon (+ the ResNet convolutions), loha, lokr (needs lycoris-lora); "
+             f"default: {_default(LoRAConfig, 'network_type')}")
+    add("--conv-rank", type=int, help=f"locon/loha/lokr: rank of the 3x3 convolutions, 0 leaves them out; "
+                                     f"default: {_default(LoRAConfig, 'conv_rank')}")
+    add("--conv-alpha", type=float, help=f"locon/loha/lokr: alpha of the 3x3 convolutions; default: "
+                                        f"{_default(LoRAConfig, 'conv_alpha'):g}")
+    add("--factor", type=int, help=f"lokr: size of the small Kronecker factor, -1 chosen per layer; default: "
+                                  f"{_default(LoRAConfig, 'factor')}")
     add("--train-text-encoder", action="store_true", help="also train the text encoder (LoRA only)")
     add("--batch-size", type=int, help=f"pictures per step; default: {_default(TrainConfig, 'batch_size')}")
     add("--gradient-accumulation", type=int,
@@ -250,6 +260,8 @@ def configs_from_args(args) -> dict:
     _set(s["lora"], "rank", args.rank)
     _set(s["lora"], "alpha", args.alpha)
     _set(s["lora"], "train_text_encoder", args.train_text_encoder)
+    for key in ("network_type", "conv_rank", "conv_alpha", "factor"):
+        _set(s["lora"], key, getattr(args, key))
     _set(s["hypernetwork"], "layer_structure", args.layer_structure)
     _set(s["hypernetwork"], "activation", args.activation)
     if args.adapter == "hypernetwork":
@@ -306,15 +318,19 @@ def _device(name: str):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def model_dtype(device, precision: str):
+    """The frozen model's weight dtype: fp16 on CUDA for fp16 (and auto) training, else fp32."""
+    return torch.float16 if device.type == "cuda" and precision in ("auto", "fp16") else torch.float32
+
+
 def run_train(args) -> int:
     configs = configs_from_args(args)
     output_dir = configs["train"].output_dir
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise TrainerInputError(f"{name_of('output_dir')} {output_dir} is a file: give a folder.")
     device = _device(args.device)
-    dtype = torch.float16 if device.type == "cuda" and configs["train"].precision in ("auto", "fp16") else torch.float32
     if args.model:
-        parts = backend.load_parts(args.model, device=device, dtype=dtype)
+        parts = backend.load_parts(args.model, device=device, dtype=model_dtype(device, configs["train"].precision))
     else:
         log.info("no --model given: using the tiny built-in model (a demo of the whole path, not a real model)")
         parts = backend.tiny_parts(device=device)

@@ -260,6 +260,71 @@ def module_alpha(module) -> float:
     return float(alpha) if alpha is not None else float(module["down"].shape[0])
 
 
+# LyCORIS tensors per module (kohya-style names, as LyCORIS's kohya wrapper writes them) next to
+# LoRA's. Tucker cores, DoRA scales and the other LyCORIS algorithms are not read or written.
+LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+
+
+def network_modules(state_dict) -> dict:
+    """kohya module name -> its tensors, for kohya LoRA/LoCon and LyCORIS LoHa/LoKr files.
+
+    LoRA modules look as in `kohya_modules` plus "type": "lora"; LoHa modules have "type":
+    "loha" and the four hada_* tensors; LoKr modules "type": "lokr" and lokr_w1 (or its _a/_b
+    halves) and lokr_w2 (or its halves). "alpha" is None when the file has none.
+    """
+    if not isinstance(state_dict, dict):
+        raise TrainerInputError(f"expected a LoRA state dict, got {type(state_dict).__name__}")
+    if not state_dict:
+        kohya_modules(state_dict)  # says the file holds no tensors at all
+    parts_by_name, foreign = {}, []
+    for key in state_dict:
+        name, _, part = key.rpartition(".") if isinstance(key, str) else ("", "", "")
+        if part == "weight" and name.endswith((".lora_down", ".lora_up")):
+            name, _, part = name.rpartition(".")
+        if not name or part not in ("lora_down", "lora_up", "alpha") + LOHA_PARTS + LOKR_PARTS:
+            foreign.append(key)
+            continue
+        parts_by_name.setdefault(name, {})[part] = state_dict[key]
+    if foreign:
+        raise TrainerInputError(
+            f"This file looks like {describe_state_dict(state_dict.keys())}; expected a kohya LoRA or a "
+            f"LyCORIS LoCon/LoHa/LoKr file (keys ending in .lora_down.weight / .lora_up.weight, "
+            f".hada_w1_a ... or .lokr_w1 ..., and .alpha). Keys this trainer cannot read: "
+            f"{', '.join(repr(k) for k in foreign[:4])}.")
+    modules = {}
+    for name, parts in parts_by_name.items():
+        modules[name] = _network_module(name, parts)
+    return modules
+
+
+def _network_module(name, parts):
+    alpha = parts.get("alpha")
+    if "lora_down" in parts or "lora_up" in parts:
+        kind, needed = "lora", [("lora_down",), ("lora_up",)]
+    elif any(p in parts for p in LOHA_PARTS):
+        kind, needed = "loha", [(p,) for p in LOHA_PARTS]
+    elif any(p in parts for p in LOKR_PARTS):
+        kind, needed = "lokr", [("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")]
+        if "lokr_w1_a" in parts:
+            needed.append(("lokr_w1_b",))
+        if "lokr_w2_a" in parts:
+            needed.append(("lokr_w2_b",))
+    else:
+        raise TrainerInputError(f"This file is incomplete: module {name} has only an alpha. Re-save it "
+                                "from the tool that made it.")
+    lacking = [" or ".join(options) for options in needed if not any(o in parts for o in options)]
+    mixed = [p for p in parts if p != "alpha" and p not in {o for options in needed for o in options}
+             and not (kind == "lokr" and p in LOKR_PARTS)]
+    if lacking or mixed:
+        raise TrainerInputError(
+            f"This file is incomplete or mixed: module {name} ({kind}) lacks {', '.join(lacking) or 'nothing'}"
+            f"{' and also has ' + ', '.join(mixed) if mixed else ''}. Re-save it from the tool that made it.")
+    if kind == "lora":
+        return {"type": "lora", "down": parts["lora_down"], "up": parts["lora_up"], "alpha": alpha}
+    return {"type": kind, **{p: t for p, t in parts.items() if p != "alpha"}, "alpha": alpha}
+
+
 def _split_kohya_key(key):
     for suffix, part in ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha")):
         if key.endswith(suffix):
@@ -274,7 +339,7 @@ def _split_kohya_key(key):
 def save_lora(path, state_dict, metadata, overwrite=False):
     """Write a kohya LoRA safetensors file with string metadata and kohya's sshs_* hashes."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    kohya_modules(tensors)  # refuse to write anything a LoRA loader would not read
+    network_modules(tensors)  # refuse to write anything a LoRA/LyCORIS loader would not read
     metadata = {str(k): str(v) for k, v in metadata.items()}
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = lora_file_hashes(tensors, metadata)
     atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata), overwrite=overwrite)
@@ -301,7 +366,7 @@ def load_lora(path) -> tuple[dict, dict]:
             "It may be truncated or not a LoRA at all."
         ) from err
     try:
-        kohya_modules(state_dict)
+        network_modules(state_dict)
     except TrainerInputError as err:
         raise TrainerInputError(f"{os.path.basename(path)}: {err}") from None
     return state_dict, metadata
@@ -389,6 +454,16 @@ def lora_metadata(
     metadata.update(extra or {})
     metadata.update(_modelspec(output_name, width, height, started, prediction_type, trigger_phrase))
     return {k: str(v) for k, v in metadata.items()}
+
+
+def lycoris_metadata(network_type: str, conv_rank: int, conv_alpha: float, factor: int) -> dict:
+    """The `ss_*` keys that tell kohya's tools and A1111/Forge a file is a LyCORIS network, as
+    LyCORIS's kohya wrapper writes them; none for a plain LoRA."""
+    if network_type == "lora":
+        return {}
+    args = {"algo": network_type, "conv_dim": str(conv_rank), "conv_alpha": f"{conv_alpha:g}",
+            "factor": str(factor)}
+    return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args)}
 
 
 def _modelspec(title, width, height, started, prediction_type, trigger_phrase):

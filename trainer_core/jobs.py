@@ -13,7 +13,7 @@ from .adapters.hypernetwork import (Hypernetwork, load_hypernetwork, load_optimi
                                     save_hypernetwork, save_optimizer_sidecar)
 from .adapters.lora import LoRANetwork
 from .errors import TrainerInputError, name_of
-from .formats import load_lora, lora_metadata, safe_output_path, save_lora
+from .formats import load_lora, lora_metadata, lycoris_metadata, safe_output_path, save_lora
 
 
 @runtime_checkable
@@ -68,7 +68,8 @@ class LoRAJob:
         text_targets = parts.text_encoder_lora_targets if lora_config.train_text_encoder else {}
         if not parts.unet_lora_targets:
             raise TrainerInputError("the model has no layers a LoRA can train (is it an SD1.x UNet?).")
-        self.module = LoRANetwork(parts.unet_lora_targets, text_targets, lora_config)
+        self.module = LoRANetwork(parts.unet_lora_targets, text_targets, lora_config,
+                                  conv_targets=parts.unet_conv_targets)
         self._file_state = None
 
     @property
@@ -76,7 +77,7 @@ class LoRAJob:
         return bool(self.lora_config.train_text_encoder)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, **asdict(self.lora_config)}
+        return {"kind": self.kind, **self.lora_config.cache_fields()}
 
     def output_path(self, name: str) -> str:
         return safe_output_path(self.train_config.output_dir, name, self.suffix, overwrite=True)
@@ -104,16 +105,18 @@ class LoRAJob:
             tag_frequency=summary.get("tag_frequency"), seed=train.seed,
             prediction_type=self.parts.prediction_type, trigger_phrase=data.config.instance_token,
             extra={"ss_optimizer": optimizer_name, "ss_lr_scheduler": train.lr_scheduler,
-                   "ss_training_key": key})
+                   "ss_training_key": key, **lycoris_metadata(lora.network_type, lora.conv_rank,
+                                                         lora.conv_alpha, lora.factor)})
         save_lora(path, state_dict, metadata, overwrite=True)
         self._file_state = state_dict
         return [path]
 
     def load_weights(self, path) -> int:
         state_dict, metadata = load_lora(path)
+        expected = {float(m.alpha) for m in self.module.loras().values()}
         self.module.load_kohya_state_dict(state_dict)
         alphas = {float(v) for k, v in state_dict.items() if k.endswith(".alpha")}
-        if alphas and alphas != {float(self.lora_config.alpha)}:
+        if alphas and alphas != expected:
             raise TrainerInputError(
                 f"{os.path.basename(path)} was trained with alpha {', '.join(f'{a:g}' for a in sorted(alphas))} "
                 f"but {name_of('alpha')} is set to {self.lora_config.alpha:g}: set {name_of('alpha')} to the file's "

@@ -1,6 +1,7 @@
 """Bake a kohya LoRA into model weights: W' = W + strength * (alpha / rank) * up @ down,
 and save the result as a single-file SD1.x checkpoint (MergeLoRAToCkpt and `python -m
 trainer_core merge`).
+LoHa and LoKr modules add their own dW (adapters/lycoris.py `file_weight_change`).
 
 The product is computed in fp32 and cast back to W's dtype, so an fp16 checkpoint stays
 fp16 and small LoRA deltas are not lost to fp16 rounding inside the matmul.
@@ -15,9 +16,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .adapters.lycoris import file_weight_change
 from .errors import TrainerInputError, name_of
-from .formats import (TEXT_ENCODER_PREFIX, UNET_PREFIX, atomic_write, kohya_modules, lora_file_hashes,
-                      module_alpha)
+from .formats import (TEXT_ENCODER_PREFIX, UNET_PREFIX, atomic_write, lora_file_hashes, module_alpha,
+                      network_modules)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ def merge_lora(
     `kohya_to_weight_key` maps each kohya module name to the key of its weight in
     `base_state_dict` (for ComfyUI: `comfy.lora.model_lora_keys_unet/clip`).
     """
-    modules = kohya_modules(lora_state_dict)
+    modules = network_modules(lora_state_dict)
     unmapped = sorted(name for name in modules if name not in kohya_to_weight_key)
     if unmapped:
         raise TrainerInputError(
@@ -76,19 +78,31 @@ def _strength(name, strength_unet, strength_text_encoder):
 
 
 def _merged_weight(name, weight, module, strength):
+    if module["type"] != "lora":
+        return _merged_lycoris_weight(name, weight, module, strength)
     down = module["down"].to(weight.device, torch.float32)
     up = module["up"].to(weight.device, torch.float32)
     rank = down.shape[0]
     alpha = module_alpha(module)
     up_2d, down_2d = up.flatten(1), down.flatten(1)
-    is_linear_or_1x1 = weight.dim() == 2 or tuple(weight.shape[2:]) == (1, 1)
-    if not is_linear_or_1x1 or up_2d.shape != (weight.shape[0], rank) or down_2d.shape != (rank, weight.shape[1]):
+    if up_2d.shape != (weight.shape[0], rank) or down_2d.shape != (rank, weight[0].numel()):
         raise TrainerInputError(
             f"{name}: LoRA shapes up {list(up.shape)} / down {list(down.shape)} do not fit the "
             f"model weight {list(weight.shape)}: this LoRA was made for another model (SD2.x or SDXL?)."
         )
     delta = (up_2d @ down_2d) * (strength * alpha / rank)
     return (weight.to(torch.float32) + delta.reshape(weight.shape)).to(weight.dtype)
+
+
+def _merged_lycoris_weight(name, weight, module, strength):
+    module = {k: v.to(weight.device) if isinstance(v, torch.Tensor) else v for k, v in module.items()}
+    try:
+        delta, scale = file_weight_change(module, weight.shape)
+    except RuntimeError as error:  # factor shapes whose product is not the weight's shape
+        raise TrainerInputError(
+            f"{name}: this {module['type']} module does not fit the model weight {list(weight.shape)} "
+            f"({error}): it was made for another model (SD2.x or SDXL?).") from None
+    return (weight.to(torch.float32) + delta * (strength * scale)).to(weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------

@@ -35,6 +35,9 @@ class ModelParts:
     # kohya module name -> module, for every module a LoRA may patch (Linear or 1x1 Conv2d).
     unet_lora_targets: dict = field(default_factory=dict)
     text_encoder_lora_targets: dict = field(default_factory=dict)
+    # kohya name -> Conv2d of the UNet's ResNets (conv1, conv2, conv_shortcut) and down/up
+    # samplers, which LoCon, LoHa and LoKr also train.
+    unet_conv_targets: dict = field(default_factory=dict)
     # Where the UNet computes (its LoRAs and hypernetwork run there) and where the text encoder
     # computes (None: the same device). With weights streamed from the CPU they differ from the
     # weights' device.

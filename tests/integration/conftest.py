@@ -53,3 +53,18 @@ def tiny_checkpoint(comfyui, pytestconfig):
     _say(pytestconfig, f"tiny SD1 checkpoint: {os.path.getsize(path) / 2**20:.0f} MiB, written in "
                        f"{time.perf_counter() - started:.1f} s")
     return CHECKPOINT_NAME
+
+
+@pytest.fixture(scope="session")
+def full_size_checkpoint(comfyui, tmp_path_factory, pytestconfig):
+    """The random full-size SD1.5 checkpoint (full_size_sd15.py) in ComfyUI's checkpoints folder.
+
+    Written once per session into a temp folder, or taken from $SD15_FULL_SIZE_CHECKPOINT (written
+    there on first use), so that repeated sessions and the benchmarks share one copy."""
+    from full_size_sd15 import FILE_NAME, cached_full_size_sd15
+    started = time.perf_counter()
+    path = cached_full_size_sd15(str(tmp_path_factory.mktemp("full_size_sd15")))
+    _say(pytestconfig, f"full-size SD1.5 checkpoint: {path}, {os.path.getsize(path) / 2**30:.2f} GiB, ready in "
+                       f"{time.perf_counter() - started:.1f} s")
+    os.symlink(path, os.path.join(comfyui.folders["checkpoints"], FILE_NAME))
+    return FILE_NAME

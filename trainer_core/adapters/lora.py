@@ -1,6 +1,6 @@
 """Activation-space LoRA with kohya semantics, attached to a frozen model by forward hooks.
 
-For every target layer (nn.Linear or 1x1 nn.Conv2d, named by its kohya module name):
+For every target layer (nn.Linear or nn.Conv2d, named by its kohya module name):
 
     y = W x + multiplier * (alpha / rank) * up(down(dropout(x)))
 
@@ -8,18 +8,32 @@ For every target layer (nn.Linear or 1x1 nn.Conv2d, named by its kohya module na
 `attached()` exits, so the caller's model is never left modified. LoRA weights stay fp32
 whatever the model's dtype: fp16 trainables make GradScaler fail with "Attempting to
 unscale FP16 gradients" and lose small updates.
+
+The LyCORIS network types use the same network, hooks and files: LoCon is this LoRA on the
+ResNet convolutions too (a kxk down, a 1x1 up); LoHa and LoKr have their own modules (lycoris.py).
 """
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from ..errors import TrainerInputError, name_of
-from ..formats import TEXT_ENCODER_PREFIX, UNET_PREFIX, describe_state_dict, kohya_modules, module_alpha
+from ..formats import (TEXT_ENCODER_PREFIX, UNET_PREFIX, describe_state_dict, kohya_modules, module_alpha,
+                       network_modules)
+from .lycoris import LoHaModule, LoKrModule, check_module_type
+
+log = logging.getLogger(__name__)
+
+NETWORK_TYPES = ("lora", "locon", "loha", "lokr")
+# Fields that only the LyCORIS types use: left out of a plain LoRA's cache key, so LoRAs trained
+# before these types existed still hit the cache.
+LYCORIS_FIELDS = ("network_type", "conv_rank", "conv_alpha", "factor")
+LOHA_MAX_RANK = 32  # LyCORIS's guideline for LoHa on SD1
 
 
 @dataclass
@@ -29,6 +43,22 @@ class LoRAConfig:
     dropout: float = 0.0
     train_unet: bool = True
     train_text_encoder: bool = False
+    # lora: attention layers only. locon: also the ResNet convolutions. loha / lokr: LyCORIS's
+    # Hadamard / Kronecker product layers on the same modules as locon.
+    network_type: str = "lora"
+    # The kxk convolutions of the ResNets and down/up samplers (locon/loha/lokr); 0 leaves them out.
+    # 1x1 convolutions use rank and alpha, as in LyCORIS.
+    conv_rank: int = 4
+    conv_alpha: float = 4.0
+    # LoKr: the size of the small Kronecker factor; -1 picks it per layer (near the square root).
+    factor: int = -1
+
+    def cache_fields(self) -> dict:
+        """What decides the trained result, for the training cache key."""
+        fields = asdict(self)
+        if self.network_type == "lora":
+            fields = {k: v for k, v in fields.items() if k not in LYCORIS_FIELDS}
+        return fields
 
     def validate(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -47,15 +77,33 @@ class LoRAConfig:
         if not (self.train_unet or self.train_text_encoder):
             raise TrainerInputError(
                 f"{name_of('train_unet')} and {name_of('train_text_encoder')} are both off: turn on at least one.")
+        if self.network_type not in NETWORK_TYPES:
+            raise TrainerInputError(
+                f"{name_of('network_type')} must be one of {', '.join(NETWORK_TYPES)} (got {self.network_type!r}).")
+        if isinstance(self.conv_rank, bool) or not isinstance(self.conv_rank, int) or self.conv_rank < 0:
+            raise TrainerInputError(
+                f"{name_of('conv_rank')} must be a whole number of at least 0 (got {self.conv_rank!r}); 0 leaves "
+                "the ResNet convolutions out.")
+        if not isinstance(self.conv_alpha, (int, float)) or not math.isfinite(self.conv_alpha) or self.conv_alpha <= 0:
+            raise TrainerInputError(f"{name_of('conv_alpha')} must be a number above 0 (got {self.conv_alpha!r}).")
+        if isinstance(self.factor, bool) or not isinstance(self.factor, int) or not (self.factor == -1 or self.factor >= 2):
+            raise TrainerInputError(
+                f"{name_of('factor')} must be -1 (chosen per layer) or a whole number of at least 2 (got "
+                f"{self.factor!r}); LyCORIS suggests -1, or 4 to 8 for characters.")
 
 
 def layer_sizes(target: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a LoRA target, or TypeError for layers LoRA cannot patch."""
     if isinstance(target, nn.Linear):
         return target.in_features, target.out_features
-    if isinstance(target, nn.Conv2d) and tuple(target.kernel_size) == (1, 1) and target.groups == 1:
+    if isinstance(target, nn.Conv2d) and target.groups == 1 and isinstance(target.padding, tuple):
         return target.in_channels, target.out_channels
-    raise TypeError(f"LoRA targets must be nn.Linear or 1x1 nn.Conv2d, got {target!r}")
+    raise TypeError(f"LoRA targets must be nn.Linear or nn.Conv2d (no groups), got {target!r}")
+
+
+def is_wide_conv(target: nn.Module) -> bool:
+    """A convolution with a kernel larger than 1x1: LoCon trains it with conv_rank / conv_alpha."""
+    return isinstance(target, nn.Conv2d) and tuple(target.kernel_size) != (1, 1)
 
 
 class LoRAModule(nn.Module):
@@ -65,9 +113,11 @@ class LoRAModule(nn.Module):
         super().__init__()
         in_size, out_size = layer_sizes(target)
         if isinstance(target, nn.Conv2d):
-            # Same stride/padding as the target so the LoRA output lines up with W x.
+            # Same kernel/stride/padding as the target so the LoRA output lines up with W x
+            # (kohya's LoCon: a kxk down, a 1x1 up).
             self.lora_down = nn.Conv2d(
-                in_size, rank, 1, stride=target.stride, padding=target.padding, bias=False
+                in_size, rank, target.kernel_size, stride=target.stride, padding=target.padding,
+                dilation=target.dilation, bias=False
             )
             self.lora_up = nn.Conv2d(rank, out_size, 1, bias=False)
         else:
@@ -92,11 +142,38 @@ class LoRAModule(nn.Module):
         """alpha / rank as a Python number (reading a GPU tensor in every forward would sync)."""
         return float(self.alpha) / self.rank
 
+    def file_tensors(self) -> dict:
+        return {"lora_down.weight": self.lora_down.weight, "lora_up.weight": self.lora_up.weight,
+                "alpha": self.alpha}
+
+    def load_file_tensors(self, name: str, module: dict) -> None:
+        """Copy one file module (as `kohya_modules` / `network_modules` give it) in."""
+        check_module_type(name, module, "lora", "a LoRA/LoCon")
+        down, up = module["down"], module["up"]
+        _check_rank(name, down, self.rank, conv=is_wide_conv(self.lora_down))
+        down = _fit_shape(name, "lora_down", down, self.lora_down.weight)
+        up = _fit_shape(name, "lora_up", up, self.lora_up.weight)
+        with torch.no_grad():
+            self.lora_down.weight.copy_(down)
+            self.lora_up.weight.copy_(up)
+            self.alpha.fill_(module_alpha(module))
+
+
+def make_module(config: "LoRAConfig", target: nn.Module, rank: int, alpha: float) -> nn.Module:
+    """The trainable module of `config.network_type` for one target layer."""
+    if config.network_type in ("lora", "locon"):
+        return LoRAModule(target, rank, alpha, config.dropout)
+    if config.network_type == "loha":
+        return LoHaModule(target, rank, alpha, config.dropout)
+    return LoKrModule(target, rank, alpha, config.factor, config.dropout)
+
 
 class LoRANetwork(nn.Module):
     """One LoRAModule per target layer, keyed by kohya module name."""
 
-    def __init__(self, unet_targets: dict, text_encoder_targets: dict, config: LoRAConfig):
+    def __init__(self, unet_targets: dict, text_encoder_targets: dict, config: LoRAConfig, *, conv_targets=None):
+        """`conv_targets` (kohya name -> Conv2d of the UNet's ResNets and samplers) are trained by
+        every network type but plain lora."""
         super().__init__()
         config.validate()
         self.config = config
@@ -107,6 +184,9 @@ class LoRANetwork(nn.Module):
         self._targets = {}
         if config.train_unet:
             self._targets.update(unet_targets)
+            if config.network_type != "lora" and config.conv_rank > 0:
+                _check_prefixes(conv_targets or {}, UNET_PREFIX)
+                self._targets.update(conv_targets or {})
         if config.train_text_encoder:
             self._targets.update(text_encoder_targets)
         if not self._targets:
@@ -114,13 +194,17 @@ class LoRANetwork(nn.Module):
                 "There are no layers to train: the model has no LoRA targets for the parts "
                 f"chosen by {name_of('train_unet')} / {name_of('train_text_encoder')}."
             )
-        ranks = {name: config.rank for name in self._targets}
+        ranks = {name: config.conv_rank if is_wide_conv(t) else config.rank for name, t in self._targets.items()}
         _check_rank_fits(self._targets, ranks)
+        if config.network_type == "loha" and max(ranks.values()) > LOHA_MAX_RANK:
+            log.warning("LoHa with rank %d: LyCORIS's guidelines keep LoHa at rank %d or less (its product "
+                        "squares the rank)", max(ranks.values()), LOHA_MAX_RANK)
         self.unet_loras = nn.ModuleDict()
         self.text_encoder_loras = nn.ModuleDict()
         for name, target in self._targets.items():
             group = self.unet_loras if name.startswith(UNET_PREFIX) else self.text_encoder_loras
-            group[name] = LoRAModule(target, ranks[name], config.alpha, config.dropout)
+            alpha = config.conv_alpha if is_wide_conv(target) else config.alpha
+            group[name] = make_module(config, target, ranks[name], alpha)
         self._attached = False
 
     def loras(self) -> dict:
@@ -169,32 +253,41 @@ class LoRANetwork(nn.Module):
         return [g for g in groups if g["params"]]
 
     def kohya_state_dict(self, dtype=torch.float16) -> dict:
-        """kohya keys: `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` (0-dim)."""
+        """kohya keys: `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` (0-dim);
+        LoHa / LoKr modules write LyCORIS's `<name>.hada_*` / `<name>.lokr_*` instead."""
         state = {}
         for name, lora in self.loras().items():
-            for key, tensor in (
-                ("lora_down.weight", lora.lora_down.weight),
-                ("lora_up.weight", lora.lora_up.weight),
-                ("alpha", lora.alpha),
-            ):
+            for key, tensor in lora.file_tensors().items():
                 # A copy: training goes on after a save and must not change what was saved.
                 state[f"{name}.{key}"] = tensor.detach().to("cpu", dtype or tensor.dtype, copy=True).contiguous()
         return state
 
     def load_kohya_state_dict(self, state_dict) -> None:
         """Copy a kohya LoRA's weights in; the file must have exactly this network's layers."""
-        modules = _file_modules(state_dict)
+        if self.config.network_type == "lora":
+            try:
+                modules = _file_modules(state_dict)
+            except TrainerInputError:
+                _refuse_lycoris_file(state_dict)
+                raise
+        else:
+            modules = network_modules(state_dict)
         loras = self.loras()
         _check_names(set(modules), set(loras))
         for name, lora in loras.items():
-            down, up = modules[name]["down"], modules[name]["up"]
-            _check_rank(name, down, lora.rank)
-            down = _fit_shape(name, "lora_down", down, lora.lora_down.weight)
-            up = _fit_shape(name, "lora_up", up, lora.lora_up.weight)
-            with torch.no_grad():
-                lora.lora_down.weight.copy_(down)
-                lora.lora_up.weight.copy_(up)
-                lora.alpha.fill_(module_alpha(modules[name]))
+            lora.load_file_tensors(name, modules[name])
+
+
+def _refuse_lycoris_file(state_dict):
+    """A LoHa/LoKr file given to a plain LoRA network: say which network_type reads it."""
+    try:
+        kinds = {m["type"] for m in network_modules(state_dict).values()} - {"lora"}
+    except TrainerInputError:
+        return
+    if kinds:
+        raise TrainerInputError(
+            f"This file is a LyCORIS {'/'.join(sorted(kinds))} network, not a plain LoRA: set "
+            f"{name_of('network_type')} to {sorted(kinds)[0]} to continue it.")
 
 
 def _check_prefixes(targets, prefix):
@@ -254,11 +347,11 @@ def _examples(names, count=3):
     return ", ".join(names[:count]) if names else "none"
 
 
-def _check_rank(name, down, rank):
+def _check_rank(name, down, rank, conv=False):
     if down.shape[0] != rank:
         raise TrainerInputError(
             f"{name}: the file has rank {down.shape[0]} but this network has rank {rank}: set "
-            f"{name_of('rank')} to {down.shape[0]}, the file's rank."
+            f"{name_of('conv_rank') if conv else name_of('rank')} to {down.shape[0]}, the file's rank."
         )
 
 

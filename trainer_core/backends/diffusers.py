@@ -41,6 +41,8 @@ TRANSFORMER_BLOCK_TARGETS = (
     "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
     "ff.net.0.proj", "ff.net.2",
 )
+RESNET_CONV_TARGETS = ("conv1", "conv2", "conv_shortcut")
+SAMPLER_BLOCKS = ("Downsample2D", "Upsample2D")
 # kohya suffix -> (submodule, layer) inside CLIPEncoderLayer. Fixed, because transformers 5
 # dropped the `text_model` level that the kohya names (from transformers 4 paths) keep.
 TEXT_ENCODER_TARGETS = {
@@ -83,6 +85,20 @@ def kohya_unet_targets(unet: nn.Module) -> dict:
         for name in names:
             full_name = f"{path}.{name}"
             targets[UNET_PREFIX + full_name.replace(".", "_")] = _patchable(block.get_submodule(name), full_name)
+    return targets
+
+
+def kohya_unet_conv_targets(unet: nn.Module) -> dict:
+    """kohya name -> Conv2d for the convolutions LoCon adds (what LyCORIS's kohya wrapper finds in
+    ResnetBlock2D, Downsample2D and Upsample2D): conv1, conv2, conv_shortcut and the samplers' conv."""
+    targets = {}
+    for path, block in unet.named_modules():
+        kind = type(block).__name__
+        names = RESNET_CONV_TARGETS if kind == "ResnetBlock2D" else ("conv",) if kind in SAMPLER_BLOCKS else ()
+        for name in names:
+            module = getattr(block, name, None)
+            if isinstance(module, nn.Conv2d):
+                targets["lora_unet_" + f"{path}.{name}".replace(".", "_")] = module
     return targets
 
 
@@ -157,6 +173,7 @@ def parts_from_diffusers(unet, text_encoder, tokenizer, vae, alphas_cumprod, pre
         prediction_type=prediction_type,
         unet_lora_targets=kohya_unet_targets(unet),
         text_encoder_lora_targets=kohya_text_encoder_targets(text_encoder),
+        unet_conv_targets=kohya_unet_conv_targets(unet),
         device=device, dtype=dtype, base_model_hash=model_hash, base_model_name=name,
         tokenize=tokenize, token_embeddings=token_embeddings,
         encode_text_with_embeddings=encode_text_with_embeddings)
