@@ -7,6 +7,7 @@ from .hypernet import ApplyHypernetwork, HypernetTrain
 from .lora import LoRATrain
 from .merge import MergeLoRAToCkpt
 from .preview import LossChart, StepComparisonGrid, TriggerComparison
+from .templates import register_thumbnail_route
 
 NODES = [LoadDataset, RegImages, LoRATrain, HypernetTrain, ApplyHypernetwork, MergeLoRAToCkpt, LossChart,
          TriggerComparison, StepComparisonGrid, EmbeddingTrain]
@@ -14,4 +15,6 @@ NODES = [LoadDataset, RegImages, LoRATrain, HypernetTrain, ApplyHypernetwork, Me
 
 class TrainerExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        # Called once while ComfyUI loads the pack, before its server adds its routes.
+        register_thumbnail_route()
         return list(NODES)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import logging
 import re
 
@@ -70,7 +71,8 @@ def check_sd1(model) -> None:
 
 
 def build_parts(model, clip, vae) -> ModelParts:
-    """What the trainer needs, taken from ComfyUI's MODEL, CLIP and VAE (loaded fully first)."""
+    """What the trainer needs, taken from ComfyUI's MODEL, CLIP and VAE (loaded fully first; a
+    dynamic model keeps streaming its big weights from the CPU, see training_models)."""
     comfy.model_management.load_models_gpu([model, clip.patcher, vae.patcher], force_full_load=True)
     base = model.model
     unet = base.diffusion_model
@@ -112,6 +114,7 @@ def build_parts(model, clip, vae) -> ModelParts:
         text_encoder_lora_targets=text_encoder_lora_targets(clip),
         unet_conv_targets=unet_conv_targets(model),
         device=device,
+        text_encoder_device=clip.patcher.load_device,
         dtype=dtype,
         base_model_hash=base_model_hash(model, clip, vae),
         base_model_name="",
@@ -152,6 +155,9 @@ def _encode_text(clip, texts):
     encoder.reset_clip_options()
     if clip.layer_idx is not None:
         encoder.set_clip_options({"layer": clip.layer_idx})
+    # Where the tokens go, as CLIP.encode_from_tokens says it (newer ComfyUI; older ones ignore the
+    # option and use the embedding's device, which is the same device there).
+    encoder.set_clip_options({"execution_device": clip.patcher.load_device})
     context = encoder.encode_token_weights(batch)[0]
     return context.reshape(len(texts), -1, context.shape[-1])
 
@@ -274,6 +280,56 @@ def training_context(*modules):
                 undo()
             # Hand the memory training held (activations, optimizer state) back to the sampler.
             comfy.model_management.soft_empty_cache()
+
+
+@contextlib.contextmanager
+def training_models(model, clip):
+    """The (MODEL, CLIP) to train on, with ComfyUI told that training is under way.
+
+    Newer ComfyUI (dynamic VRAM, on NVIDIA by default) makes every loaded model a
+    ModelPatcherDynamic: its large weights stay on the CPU and are streamed to the GPU layer by
+    layer, and it refuses force_patch_weights. Core's TrainLoraNode then trains in bypass mode,
+    adapters on the activations, which is how this pack always trains. Streaming the whole UNet
+    for every forward and backward pass is slow, so a dynamic model is cloned non-dynamic where
+    ComfyUI can rebuild it (a model from a core loader carries its cached_patcher_init): that
+    clone loads fully on the GPU, as every model does on older ComfyUI. Where it cannot, the
+    dynamic model itself is trained, its adapters on the GPU (ModelParts.device). The CLIP, small
+    beside the UNet, is used as given: its layers stream, its adapters sit on its load device
+    (ModelParts.text_encoder_device) and the captions go there, as in core's encode; the nodes
+    that train through it (text-encoder LoRA, embeddings) keep working on the CLIP they hold.
+
+    comfy.model_management.in_training is set meanwhile, as core's trainer sets it, so ComfyUI
+    keeps its inference-only shortcuts (in-place and fused ops) out of the backward pass.
+    """
+    model = _non_dynamic(model, "MODEL")
+    has_flag = hasattr(comfy.model_management, "in_training")
+    previous = getattr(comfy.model_management, "in_training", False)
+    if has_flag:
+        comfy.model_management.in_training = True
+    try:
+        yield model, clip
+    finally:
+        if has_flag:
+            comfy.model_management.in_training = previous
+
+
+def is_dynamic(model) -> bool:
+    """Whether ComfyUI streams this MODEL's or CLIP's weights (ModelPatcherDynamic); older ComfyUI
+    has no is_dynamic()."""
+    check = getattr(model, "is_dynamic", None)
+    return bool(check is not None and check())
+
+
+def _non_dynamic(model, what):
+    """A non-dynamic clone of a dynamic MODEL or CLIP where ComfyUI can rebuild it, else itself."""
+    if not is_dynamic(model) or "disable_dynamic" not in inspect.signature(model.clone).parameters:
+        return model
+    try:
+        return model.clone(disable_dynamic=True)
+    except RuntimeError as error:  # no cached_patcher_init: not from a core loader
+        log.info("training on the dynamic %s, its weights streamed from the CPU (%s); start ComfyUI with "
+                 "--highvram or --disable-dynamic-vram to train faster", what, error)
+        return model
 
 
 def _copy_clip_layer_norm_inputs(root: nn.Module) -> list:
@@ -481,11 +537,32 @@ def checkpoint_state_dict(model, clip, vae) -> dict:
     """MODEL, CLIP and VAE weights in the single-file SD1 layout core's CheckpointSave writes
     (model.diffusion_model.*, cond_stage_model.transformer.text_model.*, first_stage_model.*),
     with the MODEL's and CLIP's patches (e.g. a LoraLoader before this node) baked in.
-    CPU copies the caller owns: ComfyUI unpatches the live weights later."""
-    # As comfy.sd.save_checkpoint: load with the patches written into the weights.
-    comfy.model_management.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
-    state = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd())
-    return {key: tensor.detach().to("cpu", copy=True) for key, tensor in state.items()}
+    CPU copies the caller owns: ComfyUI unpatches the live weights later.
+
+    Built the way the running ComfyUI's comfy.sd.save_checkpoint builds it. Newer ComfyUI has
+    ModelPatcher.state_dict_for_saving and CLIP.state_dict_for_saving: patched weights come out
+    as lazily cast parameters that compute the patched value when moved to the CPU, and
+    force_patch_weights is refused by dynamic models. Older ComfyUI loads the models with the
+    patches written into the weights and reads BaseModel.state_dict_for_saving(clip_sd, vae_sd).
+    """
+    if hasattr(model, "state_dict_for_saving") and hasattr(clip, "state_dict_for_saving"):
+        clip_state = clip.state_dict_for_saving()
+        comfy.model_management.load_models_gpu([model, clip.load_model()])
+        state = model.state_dict_for_saving(clip_state, vae.get_sd())
+    else:
+        comfy.model_management.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
+        state = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd())
+    return {key: _cpu_copy(tensor) for key, tensor in state.items()}
+
+
+def _cpu_copy(tensor) -> torch.Tensor:
+    """A CPU tensor of the value, not sharing memory with the model. .to("cpu") comes first: on a
+    lazily cast parameter it computes the patched weight, where .detach() would give the stored,
+    unpatched one."""
+    copy = tensor.to("cpu")
+    if copy.data_ptr() == tensor.data_ptr():
+        copy = copy.clone()
+    return copy.detach()
 
 
 def checkpoint_lora_keys(model, clip) -> dict:
@@ -510,9 +587,14 @@ def models_from_checkpoint_state_dict(state_dict):
     """(MODEL, CLIP) built from a checkpoint state dict the way Load Checkpoint builds them from
     a file: new, independent models."""
     import folder_paths
+    options = {}
+    if "disable_dynamic" in inspect.signature(comfy.sd.load_state_dict_guess_config).parameters:
+        # Built from memory, no loader can rebuild these non-dynamic later (no cached_patcher_init);
+        # non-dynamic, they train and merge again as models from a file do.
+        options["disable_dynamic"] = True
     model, clip, _, _ = comfy.sd.load_state_dict_guess_config(
         dict(state_dict), output_vae=False, output_clip=True,
-        embedding_directory=folder_paths.get_folder_paths("embeddings"))
+        embedding_directory=folder_paths.get_folder_paths("embeddings"), **options)
     return model, clip
 
 

@@ -22,12 +22,13 @@ def run_training(model, clip, vae, steps: int, hidden, train, train_text_encoder
 
     bridge.check_sd1(model)
     progress = bridge.ComfyCallbacks(steps, hidden.unique_id)
-    parts = bridge.build_parts(model, clip, vae)
-    parts.base_model_name = bridge.checkpoint_name(hidden.prompt, hidden.unique_id)
-    trained = [parts.unet, parts.text_encoder] if train_text_encoder else [parts.unet]
     try:
-        with bridge.training_context(*trained):
-            result = train(parts, progress.callbacks())
+        with bridge.training_models(model, clip) as (trained_model, trained_clip):
+            parts = bridge.build_parts(trained_model, trained_clip, vae)
+            parts.base_model_name = bridge.checkpoint_name(hidden.prompt, hidden.unique_id)
+            trained = [parts.unet, parts.text_encoder] if train_text_encoder else [parts.unet]
+            with bridge.training_context(*trained):
+                result = train(parts, progress.callbacks())
     except TrainingCancelled as stopped:
         log.info("training cancelled at step %d; last save: %s", stopped.step, stopped.last_save)
         bridge.raise_interrupted()

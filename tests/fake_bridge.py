@@ -24,6 +24,10 @@ class FakeBridge(types.SimpleNamespace):
     def checkpoint_name(self, prompt, node_id):
         return f"checkpoint of node {node_id} in {prompt}"
 
+    def training_models(self, model, clip):
+        self.calls.append(("training_models", model, clip))
+        return contextlib.nullcontext((model, clip))
+
     def training_context(self, *modules):
         self.calls.append(("training_context",) + modules)
         return contextlib.nullcontext()

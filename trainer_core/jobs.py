@@ -83,7 +83,7 @@ class LoRAJob:
         return safe_output_path(self.train_config.output_dir, name, self.suffix, overwrite=True)
 
     def attached(self):
-        return self.module.attached()
+        return self.module.attached(self.parts.device, self.parts.text_encoder_device)
 
     def param_groups(self) -> list:
         return self.module.param_groups(self.train_config.learning_rate,
@@ -150,7 +150,7 @@ class HypernetworkJob:
         return safe_output_path(self.train_config.output_dir, name, self.suffix, overwrite=True)
 
     def attached(self):
-        return self.module.attached(self.parts.unet)
+        return self.module.attached(self.parts.unet, self.parts.device)
 
     def param_groups(self) -> list:
         return self.module.param_groups(self.train_config.learning_rate)

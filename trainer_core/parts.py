@@ -38,7 +38,11 @@ class ModelParts:
     # kohya name -> Conv2d of the UNet's ResNets (conv1, conv2, conv_shortcut) and down/up
     # samplers, which LoCon, LoHa and LoKr also train.
     unet_conv_targets: dict = field(default_factory=dict)
+    # Where the UNet computes (its LoRAs and hypernetwork run there) and where the text encoder
+    # computes (None: the same device). With weights streamed from the CPU they differ from the
+    # weights' device.
     device: torch.device = torch.device("cpu")
+    text_encoder_device: Optional[torch.device] = None
     # Weights dtype of the frozen model (fp32 on CPU; fp16/bf16 on a GPU when asked).
     dtype: torch.dtype = torch.float32
     # Identifies the base model for file metadata and the training cache.

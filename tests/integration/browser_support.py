@@ -82,6 +82,15 @@ def write_tiny_checkpoint(path: str) -> None:
                    check=True, env=_child_env(), timeout=300)
 
 
+def no_partner_nodes_option() -> str:
+    """The option that keeps ComfyUI's paid API ("partner") nodes unloaded: --disable-partner-nodes
+    in newer ComfyUI, where --disable-api-nodes became an alias of --offline; --disable-api-nodes
+    before."""
+    with open(os.path.join(os.environ["COMFYUI_PATH"], "comfy", "cli_args.py"), encoding="utf-8") as f:
+        options = f.read()
+    return "--disable-partner-nodes" if '"--disable-partner-nodes"' in options else "--disable-api-nodes"
+
+
 def _child_env() -> dict:
     # No __pycache__ folders written into the ComfyUI checkout.
     return {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
@@ -116,7 +125,7 @@ class ComfyServer:
         database = "sqlite:///" + os.path.join(self.base, "user", "comfyui.db")
         command = [sys.executable, main, "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                    "--base-directory", self.base, "--database-url", database,
-                   "--disable-auto-launch", "--disable-api-nodes"]
+                   "--disable-auto-launch", no_partner_nodes_option()]
         self._log = open(self.log_path, "w", encoding="utf-8")
         self.process = subprocess.Popen(command, cwd=self.base, env=_child_env(), stdout=self._log,
                                         stderr=subprocess.STDOUT)

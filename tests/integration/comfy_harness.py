@@ -48,7 +48,7 @@ class Run:
         self.executor = executor
         self.messages = messages
         self.seconds = seconds
-        self.outputs = {node_id: executor.caches.outputs.get(node_id) for node_id in prompt}
+        self.outputs = {node_id: _node_outputs(executor.caches.outputs.get(node_id)) for node_id in prompt}
 
     @property
     def events(self):
@@ -133,8 +133,15 @@ class ComfyUI:
 
     def new_executor(self):
         """A fresh executor: an empty in-memory cache, as after restarting ComfyUI."""
+        import inspect
+
         import execution
-        return execution.PromptExecutor(FakeServer(), cache_type=execution.CacheType.CLASSIC)
+        options = {"cache_type": execution.CacheType.CLASSIC}
+        if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+            # Newer ComfyUI reads its cache limits from cache_args even for the classic cache
+            # (main.py passes lru, ram and ram_inactive); 0 leaves them off, as --cache-classic does.
+            options["cache_args"] = {"lru": 0, "ram": 0, "ram_inactive": 0}
+        return execution.PromptExecutor(FakeServer(), **options)
 
     @property
     def node_classes(self):
@@ -189,6 +196,12 @@ class ComfyUI:
 
     def lora_files(self):
         return sorted(os.listdir(self.folders["loras"]))
+
+
+def _node_outputs(entry):
+    """A node's output lists from the output cache: newer ComfyUI caches a CacheEntry(ui, outputs)
+    where older ComfyUI caches the outputs alone."""
+    return getattr(entry, "outputs", entry)
 
 
 def _as_sent(prompt):

@@ -262,7 +262,9 @@ def test_lora_workflow_queued_from_the_page_shows_the_live_loss_chart_and_every_
     show_nodes(page, [train_id])
 
     started = time.monotonic()
-    page.page.locator('button[aria-label="Run"]').first.click()
+    # The Run button: aria-label "Run" in frontend 1.2x, the first button of the queue-button
+    # split button in 1.3x.
+    page.page.locator('button[aria-label="Run"], [data-testid="queue-button"] button').first.click()
     mid_training = None  # the last capture; a later preview (a longer loss curve) replaces it
     while time.monotonic() - started < RUN_SECONDS:
         state = page.evaluate("window.__training")
@@ -309,3 +311,19 @@ def test_lora_workflow_queued_from_the_page_shows_the_live_loss_chart_and_every_
     assert entry["outputs"][train_id]["images"], "the training node shows its final loss chart"
     assert os.path.exists(os.path.join(server.folder("models/loras"), "skkmtn_lora.safetensors"))
     assert pack_console_errors(page, console_start, our_nodes) == []
+
+
+def test_every_example_workflow_thumbnail_is_served_where_the_template_browser_asks(comfy):
+    """The frontend shows a custom node's template picture from
+    /api/workflow_templates/<pack>/<name>.jpg; newer ComfyUI serves only .json files there, so
+    the pack serves its thumbnails itself (nodes/templates.py)."""
+    import urllib.request
+    server, _ = comfy
+    thumbnails = [path[:-len(".json")] + ".jpg" for path in WORKFLOWS if os.path.exists(path[:-len(".json")] + ".jpg")]
+    assert thumbnails
+    for path in thumbnails:
+        name = os.path.splitext(os.path.basename(path))[0]
+        url = f"{server.url}/api/workflow_templates/{support.PACK_NAME}/{name}.jpg"
+        with urllib.request.urlopen(url, timeout=10) as response, open(path, "rb") as f:
+            assert (response.status, response.headers.get_content_type(), response.read()) == \
+                (200, "image/jpeg", f.read()), url

@@ -255,13 +255,15 @@ def test_lora_and_loss_outputs_plug_into_core_training_nodes(comfyui, trained):
     prompt = copy.deepcopy(example.prompt)
     sampler = copy.deepcopy(prompt[example.trained_sampler])
     sampler["inputs"]["model"] = ["900", 0]
+    # Core's Save LoRA Weights node: SaveLoRANode up to ComfyUI 0.3.6x, SaveLoRA since.
+    save_lora = next(name for name in ("SaveLoRA", "SaveLoRANode") if name in comfyui.node_classes)
     prompt.update({
         "900": {"class_type": "LoraModelLoader",
                 "inputs": {"model": [example.checkpoint, 0], "lora": [example.train, 2], "strength_model": 1.0}},
         "901": sampler,
         "902": {"class_type": "VAEDecode", "inputs": {"samples": ["901", 0], "vae": [example.checkpoint, 2]}},
         "903": {"class_type": "PreviewImage", "inputs": {"images": ["902", 0]}},
-        "904": {"class_type": "SaveLoRANode", "inputs": {"lora": [example.train, 2], "prefix": "loras/core_saved"}},
+        "904": {"class_type": save_lora, "inputs": {"lora": [example.train, 2], "prefix": "loras/core_saved"}},
         "905": {"class_type": "LossGraphNode", "inputs": {"loss": [example.train, 3], "filename_prefix": "loss"}},
     })
     run = comfyui.run(prompt)

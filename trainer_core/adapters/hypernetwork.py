@@ -261,8 +261,9 @@ class Hypernetwork(nn.Module):
         return self.nets[key][part](context.float(), strength).to(context.dtype)
 
     @contextmanager
-    def attached(self, unet: nn.Module):
-        """Transform the k/v contexts of `unet` for the duration of the block; hooks removed on exit."""
+    def attached(self, unet: nn.Module, device=None):
+        """Transform the k/v contexts of `unet` for the duration of the block; hooks removed on exit.
+        The networks run on `device` when given (where the UNet computes), else where its weights are."""
         if self._attached:
             raise RuntimeError("this hypernetwork is already attached")
         handles = []
@@ -270,7 +271,7 @@ class Hypernetwork(nn.Module):
         try:
             targets = attention_targets(unet)
             if targets:
-                self.to(device=next(iter(targets.values())).weight.device)
+                self.to(device=device or next(iter(targets.values())).weight.device)
             for name, target in targets.items():
                 if str(target.in_features) not in self.nets:
                     continue  # A1111 and ComfyUI also leave widths the file lacks alone

@@ -223,8 +223,13 @@ class LoRANetwork(nn.Module):
         return {**self.unet_loras, **self.text_encoder_loras}
 
     @contextmanager
-    def attached(self):
-        """Hook every target for the duration of the block; the model is restored on exit."""
+    def attached(self, device=None, text_encoder_device=None):
+        """Hook every target for the duration of the block; the model is restored on exit.
+
+        Each LoRA runs where its layer computes: `device` for the UNet's and `text_encoder_device`
+        for the text encoder's when given (a model whose weights stay on the CPU and are streamed
+        to the GPU layer by layer computes on the GPU), else where the layer's weight is.
+        """
         if self._attached:
             raise RuntimeError("this LoRA is already attached")
         handles = []
@@ -232,7 +237,8 @@ class LoRANetwork(nn.Module):
         try:
             for name, lora in self.loras().items():
                 target = self._targets[name]
-                lora.to(device=_device_of(target))
+                compute_device = text_encoder_device if name in self.text_encoder_loras else device
+                lora.to(device=compute_device or _device_of(target))
                 handles.append(target.register_forward_hook(self._hook(lora), with_kwargs=True))
             yield self
         finally:
