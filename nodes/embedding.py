@@ -1,6 +1,8 @@
 """EmbeddingTrain: textual inversion and DreamArtist embeddings trained in the graph."""
 from __future__ import annotations
 
+import logging
+
 from comfy_api.latest import io, ui
 
 from ..trainer_core.adapters.embedding import CFG_CURVES, FILE_FORMATS, MODES, check_embedding_name
@@ -9,8 +11,9 @@ from ..trainer_core.prompt_templates import available_templates
 from .hypernet import CAPTIONS_ONLY
 from .training_inputs import batch_inputs, gradient_checkpointing_valid, memory_inputs, replace_inputs
 from .training_run import image_tensor, run_training, saved_name
-from .types import MAX_SEED, TrainingDataset
+from .types import MAX_SEED, RegularizationSet, TrainingDataset
 
+log = logging.getLogger(__name__)
 NONE = "none"
 EMBEDDING_SUFFIXES = (".safetensors", ".pt")
 
@@ -62,6 +65,11 @@ class EmbeddingTrain(io.ComfyNode):
                 TrainingDataset.Input(
                     "dataset", tooltip="The pictures and captions from LoadDataset. Its instance token in the "
                                        "captions is read as the new embedding."),
+                RegularizationSet.Input("regularization", optional=True, tooltip=(
+                    "Optional: RegImages class pictures, accepted so a LoRA workflow's RegImages can stay "
+                    "wired. An embedding learns only from prompts with its own word, and class captions never "
+                    "hold it, so they would not change what it learns: they are not trained on (the run says "
+                    "so in the console).")),
                 io.String.Input(
                     "name", default="skkmtn_emb",
                     tooltip="The new word: the file name in models/embeddings and what you type as "
@@ -170,7 +178,7 @@ class EmbeddingTrain(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset, name, mode, vectors, negative_vectors, init_text, steps,
                 learning_rate, cfg_scale, cfg_scale_high, cfg_curve, negative_lr_weight, prompt_template,
                 batch_size, gradient_accumulation, precision, gradient_checkpointing, seed, save_every_steps,
-                file_format, resume_from, overwrite, force_retrain) -> io.NodeOutput:
+                file_format, resume_from, overwrite, force_retrain, regularization=None) -> io.NodeOutput:
         from ..trainer_core.adapters.embedding import (EmbeddingConfig, default_learning_rate, embedding_dataset,
                                                        negative_name, placeholder, written_paths)
         from ..trainer_core.config import TrainConfig
@@ -180,6 +188,9 @@ class EmbeddingTrain(io.ComfyNode):
         from . import comfy_bridge as bridge
 
         name = check_embedding_name(name)
+        if regularization is not None:
+            log.warning("EmbeddingTrain: the regularization pictures are not trained on: their captions never "
+                        "hold the embedding's word, so they cannot change what it learns.")
         folder = embedding_folder()
         embedding_config = EmbeddingConfig(
             mode=mode, vectors=vectors, negative_vectors=negative_vectors, init_text=init_text,

@@ -86,3 +86,14 @@ def test_textual_inversion_has_no_negative_text_and_its_own_default_learning_rat
 def test_bad_names_fail_validation_before_queueing(pack, name, problem):
     assert problem in pack.nodes["EmbeddingTrain"].validate_inputs(name=name)
     assert pack.nodes["EmbeddingTrain"].validate_inputs(name="skk_emb") is True
+
+
+def test_regularization_is_accepted_but_not_trained_on_and_the_console_says_so(node, caplog):
+    with caplog.at_level("WARNING"):
+        output = run(node, mode="textual_inversion", regularization="REG")
+    assert output.values[1] == "embedding:skk_emb"
+    assert "regularization" not in node.recorded or node.recorded.get("regularization") is None
+    assert any("not trained on" in record.getMessage() for record in caplog.records)
+    schema = node.cls.define_schema()
+    socket = next(s for s in schema.inputs if s.id == "regularization")
+    assert socket.optional
