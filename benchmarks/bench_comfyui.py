@@ -101,6 +101,11 @@ def start_comfyui(spec):
     return comfyui
 
 
+def save_lora_node(comfyui) -> str:
+    """Core's Save LoRA Weights node: SaveLoRANode up to ComfyUI 0.3.6x, SaveLoRA since."""
+    return next(name for name in ("SaveLoRA", "SaveLoRANode") if name in comfyui.node_classes)
+
+
 def inputs_with_defaults(comfyui, class_type, **values) -> dict:
     """Every widget input of a node at its default, then the given values (links included)."""
     inputs = {}
@@ -127,7 +132,7 @@ def build_our_prompt(comfyui, spec) -> dict:
             output_name="bench_ours", steps=spec["warmup"] + spec["steps"], learning_rate=LEARNING_RATE,
             rank=spec["rank"], alpha=float(spec["rank"]), batch_size=spec["batch"], precision="auto",
             gradient_checkpointing=spec.get("our_checkpointing", False), seed=0),
-        "5": inputs_with_defaults(comfyui, "SaveLoRANode", lora=[OUR_TRAIN_NODE, 2], prefix="loras/bench_ours"),
+        "5": inputs_with_defaults(comfyui, save_lora_node(comfyui), lora=[OUR_TRAIN_NODE, 2], prefix="loras/bench_ours"),
     }
 
 
@@ -144,7 +149,7 @@ def build_core_prompt(comfyui, spec) -> dict:
             learning_rate=LEARNING_RATE, rank=spec["rank"], optimizer="AdamW", loss_function="MSE", seed=0,
             training_dtype=spec["core_dtype"], lora_dtype=spec["core_dtype"], algorithm="LoRA",
             gradient_checkpointing=spec["core_checkpointing"], existing_lora="[None]"),
-        "5": inputs_with_defaults(comfyui, "SaveLoRANode", lora=[CORE_TRAIN_NODE, 1], prefix="loras/bench_core"),
+        "5": inputs_with_defaults(comfyui, save_lora_node(comfyui), lora=[CORE_TRAIN_NODE, 1], prefix="loras/bench_core"),
     }
 
 

@@ -72,7 +72,9 @@ def test_lora_output_saves_through_core_save_lora_with_every_key(comfyui, traine
     run, example = trained["run"], trained["example"]
     prefix = f"loras/core_saved_{trained['type']}"
     prompt = dict(example.prompt)
-    prompt["904"] = {"class_type": "SaveLoRANode", "inputs": {"lora": [example.train, 2], "prefix": prefix}}
+    # Core's Save LoRA Weights node: SaveLoRANode up to ComfyUI 0.3.6x, SaveLoRA since.
+    save_lora = next(name for name in ("SaveLoRA", "SaveLoRANode") if name in comfyui.node_classes)
+    prompt["904"] = {"class_type": save_lora, "inputs": {"lora": [example.train, 2], "prefix": prefix}}
     run_ok(comfyui, prompt)
     folder = os.path.join(comfyui.folders["output"], "loras")
     saved = [f for f in os.listdir(folder) if f.startswith(os.path.basename(prefix))]
