@@ -195,8 +195,9 @@ def _measure_activations(parts, job, batch_size: int, latent: int, autocast_dtyp
 
     def pack(tensor):
         # Frozen weights (and views of them) need no gradient and are held anyway; what is computed
-        # from them and the inputs alone, before any trained layer, is small.
-        if tensor.grad_fn is None and not tensor.requires_grad:
+        # from them and the inputs alone, before any trained layer, is small. A frozen weight in
+        # another dtype is autocast's copy of it, kept for the backward pass: that one is new memory.
+        if tensor.grad_fn is None and not tensor.requires_grad and tensor.dtype == parts.dtype:
             return tensor
         key = tensor.untyped_storage()._cdata
         if key not in kept:
@@ -215,7 +216,7 @@ def _measure_activations(parts, job, batch_size: int, latent: int, autocast_dtyp
         current.pop()
 
     hooks = []
-    for block in transformer_blocks(parts.unet):
+    for block in checkpointed_blocks(parts.unet):
         hooks.append(block.register_forward_pre_hook(enter))
         hooks.append(block.register_forward_hook(leave))
     autocast = (torch.autocast(parts.device.type, dtype=autocast_dtype) if autocast_dtype is not None
@@ -237,9 +238,18 @@ def _measure_activations(parts, job, batch_size: int, latent: int, autocast_dtyp
                              largest_tensor=max(kept.values(), default=0))
 
 
-def transformer_blocks(unet: nn.Module) -> list:
-    """The blocks gradient checkpointing recomputes (named `...transformer_blocks.N`)."""
-    return [m for name, m in unet.named_modules() if name.rsplit(".", 2)[-2:-1] == ["transformer_blocks"]]
+# The ResNet blocks of a diffusers UNet and of ComfyUI's (comfy.ldm...openaimodel.ResBlock), matched by
+# class name because trainer_core imports no ComfyUI module.
+RESNET_BLOCK_CLASSES = ("ResnetBlock2D", "ResBlock")
+
+
+def checkpointed_blocks(unet: nn.Module) -> list:
+    """The blocks gradient checkpointing recomputes: every transformer block (named
+    `...transformer_blocks.N`) and every ResNet block. The ResNet blocks hold most of SD1.5's
+    convolution weights, whose low-precision copies under autocast and whose full-resolution
+    activations would otherwise stay alive until the backward pass."""
+    return [m for name, m in unet.named_modules()
+            if name.rsplit(".", 2)[-2:-1] == ["transformer_blocks"] or type(m).__name__ in RESNET_BLOCK_CLASSES]
 
 
 def _same(tensor):

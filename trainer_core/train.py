@@ -27,6 +27,7 @@ from .errors import TrainerInputError, TrainingCancelled, TrainingStopped, name_
 from .formats import (atomic_write, check_writable_folder, load_training_state, remove_stale_temp_files,
                       save_training_state)
 from .jobs import HypernetworkJob, LoRAJob, TrainingJob
+from .memory_plan import checkpointed_blocks
 from .optim import build_optimizer, lr_factor, resolved_optimizer_name
 from .parts import ModelParts
 from .plots import loss_chart, side_by_side
@@ -555,12 +556,13 @@ def _barrier():
 
 @contextlib.contextmanager
 def gradient_checkpointing(unet):
-    """Recompute each transformer block in the backward pass instead of keeping its activations.
+    """Recompute each transformer and ResNet block in the backward pass instead of keeping its
+    activations (memory_plan.checkpointed_blocks, which the memory plan counts the same way).
 
-    Works on any UNet whose transformer blocks are named `...transformer_blocks.N` (diffusers and
-    ComfyUI both are); adapter hooks inside the blocks run again during recomputation.
+    Works on diffusers' and ComfyUI's UNets; adapter hooks inside the blocks run again during
+    recomputation, with the same random state.
     """
-    blocks = [m for name, m in unet.named_modules() if name.rsplit(".", 2)[-2:-1] == ["transformer_blocks"]]
+    blocks = checkpointed_blocks(unet)
     originals = []
     for block in blocks:
         original = block.forward
