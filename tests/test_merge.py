@@ -168,6 +168,7 @@ def ldm_checkpoint() -> dict:
 
 
 EXPECTED_NAMES = {
+    "lora_unet_down_blocks_0_resnets_0_conv1": f"{UNET}input_blocks.1.0.in_layers.2.weight",
     "lora_unet_down_blocks_0_attentions_0_proj_in": f"{UNET}input_blocks.1.1.proj_in.weight",
     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k":
         f"{UNET}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
@@ -180,7 +181,7 @@ EXPECTED_NAMES = {
 }
 
 
-def test_checkpoint_lora_keys_name_each_attention_layer_as_kohya_does():
+def test_checkpoint_lora_keys_name_each_attention_and_resnet_layer_as_kohya_does():
     from trainer_core.merge import checkpoint_lora_keys
     assert checkpoint_lora_keys(ldm_checkpoint()) == EXPECTED_NAMES
 

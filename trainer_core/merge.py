@@ -214,7 +214,14 @@ def checkpoint_lora_keys(state_dict) -> dict:
     return keys
 
 
+# A ResNet block's convolutions (LoCon trains them), LDM name -> diffusers name.
+_RESNET_CONVS = {"in_layers.2": "conv1", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+
+
 def _diffusers_unet_path(ldm_key: str, per_level: int):
+    conv = _diffusers_conv_path(ldm_key, per_level)
+    if conv:
+        return conv
     match = re.match(r"^(input_blocks|output_blocks)\.(\d+)\.1\.(.+)$", ldm_key)
     if match:
         kind, number, rest = match.group(1), int(match.group(2)), match.group(3)
@@ -229,3 +236,30 @@ def _diffusers_unet_path(ldm_key: str, per_level: int):
     else:
         return None
     return f"{prefix}.{rest[:-len('.weight')]}" if _TRANSFORMER_LAYER.match(rest) else None
+
+
+def _diffusers_conv_path(ldm_key: str, per_level: int):
+    """The diffusers path of a ResNet or sampler convolution (what a LoCon trains), or None."""
+    if not ldm_key.endswith(".weight"):
+        return None
+    key = ldm_key[:-len(".weight")]
+    match = re.match(r"^(input_blocks|output_blocks)\.(\d+)\.0\.(in_layers\.2|out_layers\.3|skip_connection)$", key)
+    if match:
+        kind, number, layer = match.group(1), int(match.group(2)), _RESNET_CONVS[match.group(3)]
+        if kind == "input_blocks":
+            if number == 0:
+                return None
+            level, index = divmod(number - 1, per_level)
+            return f"down_blocks.{level}.resnets.{index}.{layer}"
+        level, index = divmod(number, per_level)
+        return f"up_blocks.{level}.resnets.{index}.{layer}"
+    match = re.match(r"^middle_block\.(0|2)\.(in_layers\.2|out_layers\.3|skip_connection)$", key)
+    if match:
+        return f"mid_block.resnets.{int(match.group(1)) // 2}.{_RESNET_CONVS[match.group(2)]}"
+    match = re.match(r"^input_blocks\.(\d+)\.0\.op$", key)
+    if match:
+        return f"down_blocks.{(int(match.group(1)) - 1) // per_level}.downsamplers.0.conv"
+    match = re.match(r"^output_blocks\.(\d+)\.[12]\.conv$", key)
+    if match:
+        return f"up_blocks.{int(match.group(1)) // per_level}.upsamplers.0.conv"
+    return None
