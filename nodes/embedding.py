@@ -11,10 +11,9 @@ from ..trainer_core.prompt_templates import available_templates
 from .hypernet import CAPTIONS_ONLY
 from .training_inputs import batch_inputs, gradient_checkpointing_valid, memory_inputs, replace_inputs
 from .training_run import image_tensor, run_training, saved_name
-from .types import MAX_SEED, RegularizationSet, TrainingDataset
+from .types import MAX_SEED, NONE, RegularizationSet, TrainingDataset, model_files, picked_path
 
 log = logging.getLogger(__name__)
-NONE = "none"
 EMBEDDING_SUFFIXES = (".safetensors", ".pt")
 
 
@@ -27,18 +26,6 @@ def embedding_folder() -> str:
 def embedding_folders() -> list:
     import folder_paths
     return list(folder_paths.get_folder_paths("embeddings"))
-
-
-def saved_embeddings() -> list:
-    import folder_paths
-    return [name for name in folder_paths.get_filename_list("embeddings") if name.lower().endswith(EMBEDDING_SUFFIXES)]
-
-
-def embedding_path(choice: str) -> str:
-    if choice == NONE:
-        return ""
-    import folder_paths
-    return folder_paths.get_full_path_or_raise("embeddings", choice)
 
 
 class EmbeddingTrain(io.ComfyNode):
@@ -138,7 +125,7 @@ class EmbeddingTrain(io.ComfyNode):
                     tooltip="safetensors: one tensor 'emb_params' (kohya's layout; loads in ComfyUI, A1111 "
                             "and kohya). a1111_pt: A1111's own .pt embedding file."),
                 io.Combo.Input(
-                    "resume_from", options=[NONE] + saved_embeddings(), default=NONE,
+                    "resume_from", options=[NONE] + model_files("embeddings", EMBEDDING_SUFFIXES), default=NONE,
                     tooltip="Continue training from an embedding saved earlier by this node (e.g. an "
                             "intermediate save; in DreamArtist mode its -neg file is read too), up to "
                             "'steps' in total. none = start fresh."),
@@ -201,7 +188,7 @@ class EmbeddingTrain(io.ComfyNode):
             gradient_accumulation=gradient_accumulation, seed=seed,
             learning_rate=learning_rate or default_learning_rate(mode), precision=precision,
             gradient_checkpointing=gradient_checkpointing, save_every_steps=save_every_steps,
-            resume_from=embedding_path(resume_from), overwrite=overwrite, force_retrain=force_retrain)
+            resume_from=picked_path("embeddings", resume_from), overwrite=overwrite, force_retrain=force_retrain)
         template = None if prompt_template == CAPTIONS_ONLY else read_template(prompt_template)
         run_dataset = embedding_dataset(dataset, name, template)
 

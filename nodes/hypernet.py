@@ -15,7 +15,7 @@ from .merge import file_fingerprint
 from .training_inputs import (batch_inputs, gradient_checkpointing_valid, memory_inputs, model_and_data_inputs,
                               replace_inputs, seed_and_save_inputs)
 from .training_run import image_tensor, run_training, saved_name
-from .types import NONE
+from .types import NONE, model_files, picked_path
 
 log = logging.getLogger(__name__)
 
@@ -31,20 +31,6 @@ def hypernetwork_folder() -> str:
     HypernetworkLoader lists first."""
     import folder_paths
     return folder_paths.get_folder_paths("hypernetworks")[0]
-
-
-def saved_hypernetworks() -> list:
-    import folder_paths
-    return [name for name in folder_paths.get_filename_list("hypernetworks")
-            if name.lower().endswith(HYPERNETWORK_SUFFIX)]
-
-
-def hypernetwork_path(choice: str) -> str:
-    """The full path of a file picked in a hypernetworks combo, "" for none."""
-    if choice == NONE:
-        return ""
-    import folder_paths
-    return folder_paths.get_full_path_or_raise("hypernetworks", choice)
 
 
 def with_template(dataset, template: str):
@@ -143,7 +129,7 @@ class HypernetTrain(io.ComfyNode):
                             "the VAE every time the picture is used (A1111's 'random' option; slower)."),
                 *seed_and_save_inputs(),
                 io.Combo.Input(
-                    "resume_from", options=[NONE] + saved_hypernetworks(), default=NONE,
+                    "resume_from", options=[NONE] + model_files("hypernetworks", HYPERNETWORK_SUFFIX), default=NONE,
                     tooltip="Continue training a hypernetwork from models/hypernetworks (one saved by "
                             "this node, or an A1111 one), up to 'steps' in total. none = start fresh."),
                 *replace_inputs(),
@@ -205,7 +191,7 @@ class HypernetTrain(io.ComfyNode):
             gradient_accumulation=gradient_accumulation, seed=seed, learning_rate=learning_rate,
             optimizer=optimizer, precision=precision, gradient_checkpointing=gradient_checkpointing,
             latent_sampling=latent_sampling, save_every_steps=save_every_steps,
-            sample_every_steps=sample_every_steps, resume_from=hypernetwork_path(resume_from),
+            sample_every_steps=sample_every_steps, resume_from=picked_path("hypernetworks", resume_from),
             overwrite=overwrite, force_retrain=force_retrain, loss_csv=loss_csv)
         run_dataset = with_template(dataset, prompt_template)
         result = run_training(
@@ -235,7 +221,8 @@ class ApplyHypernetwork(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.x model to apply the hypernetwork to."),
                 io.Combo.Input(
-                    "hypernetwork_name", options=[NONE] + saved_hypernetworks(), default=NONE,
+                    "hypernetwork_name", default=NONE,
+                    options=[NONE] + model_files("hypernetworks", HYPERNETWORK_SUFFIX),
                     tooltip="A hypernetwork file from models/hypernetworks. Leave at none when a "
                             "hypernetwork is connected below."),
                 io.Float.Input(
@@ -270,5 +257,5 @@ class ApplyHypernetwork(io.ComfyNode):
                     "ApplyHypernetwork: no hypernetwork. Pick a file in hypernetwork_name, or connect "
                     "HypernetTrain's hypernetwork output.")
             from ..trainer_core.adapters.hypernetwork import load_hypernetwork
-            hypernetwork, _ = load_hypernetwork(hypernetwork_path(hypernetwork_name))
+            hypernetwork, _ = load_hypernetwork(picked_path("hypernetworks", hypernetwork_name))
         return io.NodeOutput(bridge.apply_hypernetwork(model, hypernetwork, strength))

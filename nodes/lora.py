@@ -8,7 +8,7 @@ from .lycoris_inputs import network_type_inputs
 from .training_inputs import (batch_inputs, gradient_checkpointing_valid, memory_inputs, model_and_data_inputs,
                               replace_inputs, seed_and_save_inputs)
 from .training_run import image_tensor, run_training, saved_name
-from .types import NONE
+from .types import NONE, picked_path
 
 
 
@@ -21,13 +21,6 @@ def lora_folder() -> str:
 def resumable_loras() -> list:
     import folder_paths
     return [name for name in folder_paths.get_filename_list("loras") if name.endswith(".safetensors")]
-
-
-def resume_path(choice: str) -> str:
-    if choice == NONE:
-        return ""
-    import folder_paths
-    return folder_paths.get_full_path_or_raise("loras", choice)
 
 
 class LoRATrain(io.ComfyNode):
@@ -140,7 +133,7 @@ class LoRATrain(io.ComfyNode):
             text_encoder_learning_rate=text_encoder_learning_rate, optimizer=optimizer,
             lr_scheduler=lr_scheduler, warmup_steps=warmup_steps, precision=precision,
             gradient_checkpointing=gradient_checkpointing, save_every_steps=save_every_steps,
-            sample_every_steps=sample_every_steps, resume_from=resume_path(resume_from),
+            sample_every_steps=sample_every_steps, resume_from=picked_path("loras", resume_from),
             overwrite=overwrite, force_retrain=force_retrain)
         result = run_training(
             model, clip, vae, steps, cls.hidden,

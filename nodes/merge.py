@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from ..trainer_core.errors import TrainerInputError
 from ..trainer_core.merge import SAVE_PRECISIONS
 from .training_run import saved_name
-from .types import NONE
+from .types import NONE, model_files, picked_path
 
 
 CHECKPOINT_SUFFIX = ".safetensors"
@@ -19,16 +19,6 @@ def checkpoint_folder() -> str:
     """Where checkpoints are written: the first "checkpoints" folder, the one Load Checkpoint lists first."""
     import folder_paths
     return folder_paths.get_folder_paths("checkpoints")[0]
-
-
-def saved_loras() -> list:
-    import folder_paths
-    return [name for name in folder_paths.get_filename_list("loras") if name.lower().endswith(".safetensors")]
-
-
-def lora_path(choice: str) -> str:
-    import folder_paths
-    return folder_paths.get_full_path_or_raise("loras", choice)
 
 
 def file_fingerprint(kind: str, name: str) -> str:
@@ -64,7 +54,7 @@ class MergeLoRAToCkpt(io.ComfyNode):
                     tooltip="Optional: a LoRA made in this workflow (LoRATrain's lora output). Used "
                             "instead of a file; leave lora_name at none."),
                 io.Combo.Input(
-                    "lora_name", options=[NONE] + saved_loras(), default=NONE,
+                    "lora_name", options=[NONE] + model_files("loras", ".safetensors"), default=NONE,
                     tooltip="A LoRA file from models/loras to merge. Leave at none when a LoRA is "
                             "connected above."),
                 io.Float.Input(
@@ -153,5 +143,5 @@ class MergeLoRAToCkpt(io.ComfyNode):
             raise TrainerInputError(
                 "MergeLoRAToCkpt: no LoRA. Pick a file in lora_name, or connect LoRATrain's lora output.")
         from ..trainer_core.formats import load_lora
-        state_dict, _ = load_lora(lora_path(lora_name))
+        state_dict, _ = load_lora(picked_path("loras", lora_name))
         return state_dict, lora_name
