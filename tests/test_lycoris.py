@@ -17,6 +17,8 @@ from trainer_core.jobs import LoRAJob
 from trainer_core.merge import merge_lora
 from trainer_core.train import train_lora
 
+from test_train import unet_output
+
 lycoris_kohya = pytest.importorskip("lycoris.kohya", reason="the lycoris-lora package is the oracle here")
 
 TYPES = ["locon", "loha", "lokr"]
@@ -79,14 +81,6 @@ def lycoris_weight_change(module, shape):
     if isinstance(module, lycoris_kohya.LoConModule):
         return module.get_diff_weight(multiplier=1, shape=shape)[0]
     return module.get_weight(shape)
-
-
-def unet_output(parts, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((1, 4, 8, 8), generator=g)
-    context = parts.encode_text(["skkmtn"])
-    with torch.no_grad():
-        return parts.predict_noise(x, torch.tensor([500]), context)
 
 
 def train_config(tmp_path, **overrides):
