@@ -3,7 +3,9 @@ and precision; on the tiny built-in model."""
 import dataclasses
 import logging
 import os
+import platform
 import re
+import sys
 
 import pytest
 import torch
@@ -164,3 +166,67 @@ def test_bf16_autocast_keeps_lora_weights_fp32_and_resume_keeps_the_choice(parts
     assert resumed.losses == full.losses
     for key, tensor in full.kohya_state_dict.items():
         assert torch.equal(tensor, resumed.kohya_state_dict[key]), key
+
+
+def test_the_probe_recomputes_every_block_as_checkpointing_does_and_leaves_the_unet_as_it_was(parts, monkeypatch):
+    # Its bf16 pass would otherwise keep a bf16 copy of every weight for its backward pass.
+    recomputed = []
+    original = memory_plan.checkpoint
+
+    def recording(function, *args, **kwargs):
+        recomputed.append(function)
+        return original(function, *args, **kwargs)
+    monkeypatch.setattr(memory_plan, "checkpoint", recording)
+    blocks = memory_plan.checkpointed_blocks(parts.unet)
+    runtime.UNetProbe(parts, 64).compare({"fp32": None}, 8)
+    passes = runtime.PROBE_REPEATS + 1
+    assert blocks and len(recomputed) == passes * len(blocks)
+    assert not any("forward" in vars(block) for block in blocks), "the blocks' own forward is back"
+
+
+def test_freed_memory_is_handed_back_after_the_probes_the_plan_and_each_new_encode(parts, dataset, tmp_path,
+                                                                                 monkeypatch):
+    from trainer_core import train
+    events = []
+    monkeypatch.setattr(runtime, "release_freed_memory", lambda: events.append("release"))
+    monkeypatch.setattr(train, "release_freed_memory", lambda: events.append("release after encoding"))
+    plan_memory = runtime.plan_memory
+    monkeypatch.setattr(runtime, "plan_memory", lambda *a, **k: events.append("plan") or plan_memory(*a, **k))
+    encode = parts.encode_images
+
+    def recording(pixels, generator=None):
+        events.append("encode")
+        return encode(pixels, generator)
+    steps = len(dataset) + 2
+    train_lora(dataclasses.replace(parts, encode_images=recording), dataset, LoRAConfig(),
+               config(tmp_path, steps=steps),
+               callbacks=Callbacks(on_step=lambda s, t, l: events.append("step")))
+    assert events[:3] == ["release", "plan", "release"]
+    steps_events, current = [], []
+    for event in events[3:]:
+        if event == "step":
+            steps_events.append(current)
+            current = []
+        else:
+            current.append(event)
+    # Each picture is encoded once (latent_sampling "once") and that step releases afterwards; later steps
+    # encode nothing and release nothing.
+    assert steps_events[:len(dataset)] == [["encode", "release after encoding"]] * len(dataset)
+    assert steps_events[len(dataset):] == [[]] * (steps - len(dataset))
+
+
+def test_release_freed_memory_trims_glibc_and_does_nothing_elsewhere(monkeypatch):
+    trimmed = []
+    find_trim = memory_plan._malloc_trim.__wrapped__
+    monkeypatch.setattr(memory_plan, "_malloc_trim", lambda: lambda pad: trimmed.append(pad))
+    assert memory_plan.release_freed_memory() is True and trimmed == [0]
+    monkeypatch.setattr(memory_plan, "_malloc_trim", lambda: None)
+    assert memory_plan.release_freed_memory() is False
+    monkeypatch.setattr(memory_plan.sys, "platform", "darwin")
+    assert find_trim() is None
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
+                    reason="malloc_trim is glibc's")
+def test_release_freed_memory_runs_on_linux_with_glibc():
+    assert memory_plan.release_freed_memory() is True

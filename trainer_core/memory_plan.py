@@ -16,9 +16,12 @@ naming settings that would fit.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
 import logging
 import os
+import sys
 import weakref
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -26,6 +29,7 @@ from typing import Optional
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.checkpoint import checkpoint
 
 from .errors import TrainerInputError, name_of
 
@@ -146,12 +150,14 @@ def plan_memory(parts, job, batch_size: int, resolution: int, autocast_dtype, op
                 checkpointing: bool) -> MemoryPlan:
     """The plan for these settings. The UNet runs once on fake tensors: no memory, no arithmetic."""
     device = parts.device
+    # Read first: working out the activations allocates (and frees) memory of its own.
+    in_use = memory_in_use(device)
     latent = max(1, resolution // 8)
     activations = activation_profile(parts, job, batch_size, latent, autocast_dtype)
     trained = [p for group in job.param_groups() for p in group["params"]]
     per_weight = 4 + 4 + OPTIMIZER_STATE_BYTES.get(optimizer, 8)  # fp32 weight + gradient + state
     adapter = sum(p.numel() for p in trained) * per_weight
-    return MemoryPlan(device=device, in_use=memory_in_use(device), weights=_weights_bytes(parts),
+    return MemoryPlan(device=device, in_use=in_use, weights=_weights_bytes(parts),
                       adapter=adapter, activations=activations, kernel_workspace=_kernel_workspace(parts),
                       free=free_memory(device),
                       checkpointing=checkpointing, batch_size=batch_size, resolution=resolution,
@@ -250,6 +256,57 @@ def checkpointed_blocks(unet: nn.Module) -> list:
     activations would otherwise stay alive until the backward pass."""
     return [m for name, m in unet.named_modules()
             if name.rsplit(".", 2)[-2:-1] == ["transformer_blocks"] or type(m).__name__ in RESNET_BLOCK_CLASSES]
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(unet):
+    """Recompute each transformer and ResNet block in the backward pass instead of keeping its
+    activations (the blocks of checkpointed_blocks, which the plan counts the same way).
+
+    Works on diffusers' and ComfyUI's UNets; adapter hooks inside the blocks run again during
+    recomputation, with the same random state.
+    """
+    originals = []
+    for block in checkpointed_blocks(unet):
+        original = block.forward
+        originals.append(block)
+
+        def forward(*args, _original=original, **kwargs):
+            if not torch.is_grad_enabled():
+                return _original(*args, **kwargs)
+            return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+        block.forward = forward
+    try:
+        yield
+    finally:
+        for block in originals:
+            del block.forward
+
+
+def release_freed_memory() -> bool:
+    """Hands memory that torch has freed back to the system, where the C library keeps it.
+
+    glibc's malloc keeps freed memory of tensors below its mmap threshold (which grows to 32 MiB
+    as tensors are freed) for reuse, so the process's resident memory stays at the highest level a
+    transient reached (the precision probe, a VAE encode at 512 px) and the next allocations may not
+    fit in the holes. malloc_trim returns the free pages. True where it ran (Linux with glibc);
+    elsewhere (macOS, Windows, musl) nothing is done. On CUDA the caching allocator's memory is
+    ComfyUI's to empty (soft_empty_cache)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _same(tensor):

@@ -19,7 +19,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
 
 from .adapters.hypernetwork import learning_rate_warning
 from .config import TrainConfig
@@ -27,7 +26,7 @@ from .errors import TrainerInputError, TrainingCancelled, TrainingStopped, name_
 from .formats import (atomic_write, check_writable_folder, load_training_state, remove_stale_temp_files,
                       save_training_state)
 from .jobs import HypernetworkJob, LoRAJob, TrainingJob
-from .memory_plan import checkpointed_blocks
+from .memory_plan import gradient_checkpointing, release_freed_memory
 from .optim import build_optimizer, lr_factor, resolved_optimizer_name
 from .parts import ModelParts
 from .plots import loss_chart, side_by_side
@@ -431,6 +430,7 @@ class _Loop:
         cache = self.config.latent_sampling == "once"
         generator = None if cache else torch.Generator().manual_seed(_step_seed(self.config.seed, n, stream + 20))
         out = []
+        encoded = False
         for index, flip in zip(indices, flips):
             key = (id(dataset), index, flip)
             latent = self.latent_cache.get(key) if cache else None
@@ -438,9 +438,13 @@ class _Loop:
                 pixels = dataset.pixels(index, flip).unsqueeze(0).to(self.device, self.parts.dtype)
                 with torch.no_grad():
                     latent = self.parts.encode_images(pixels, generator).float()
+                encoded = True
                 if cache:
                     self.latent_cache[key] = latent
             out.append(latent)
+        if encoded:
+            # The VAE's full-resolution activations are freed; return their pages before the UNet runs.
+            release_freed_memory()
         return torch.cat(out)
 
     def _context(self, captions):
@@ -552,29 +556,3 @@ def _average_across_processes(params, loss: float) -> float:
 def _barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-@contextlib.contextmanager
-def gradient_checkpointing(unet):
-    """Recompute each transformer and ResNet block in the backward pass instead of keeping its
-    activations (memory_plan.checkpointed_blocks, which the memory plan counts the same way).
-
-    Works on diffusers' and ComfyUI's UNets; adapter hooks inside the blocks run again during
-    recomputation, with the same random state.
-    """
-    blocks = checkpointed_blocks(unet)
-    originals = []
-    for block in blocks:
-        original = block.forward
-        originals.append((block, original))
-
-        def forward(*args, _original=original, **kwargs):
-            if not torch.is_grad_enabled():
-                return _original(*args, **kwargs)
-            return checkpoint(_original, *args, use_reentrant=False, **kwargs)
-        block.forward = forward
-    try:
-        yield
-    finally:
-        for block, _ in originals:
-            del block.forward
