@@ -286,7 +286,10 @@ def measure_core(comfyui, spec) -> dict:
 
 def measure_bare(comfyui, spec) -> dict:
     """One forward+backward of the ComfyUI UNet with no adapter and frozen weights (gradients to
-    the input only): the floor for any adapter trainer on this model."""
+    the input only): the floor for any adapter trainer on this model. Its attention is the one our
+    trainer runs (torch SDPA where this ComfyUI lets a call choose, nodes/comfy_bridge.py's
+    training_attention), not ComfyUI's start-up choice (sub-quadratic on a CPU), so the two differ
+    by what the trainer adds only."""
     import comfy.model_management
     import nodes
     import torch
@@ -299,12 +302,14 @@ def measure_bare(comfyui, spec) -> dict:
         context = clip.encode_from_tokens(clip.tokenize(INSTANCE_TOKEN)).to(device, dtype)
     batch, latent = spec["batch"], spec["resolution"] // 8
     context = context.expand(batch, -1, -1)
+    attention = comfyui.pack_module("nodes.comfy_bridge").training_attention()
     stamps = []
     for _ in range(spec["warmup"] + spec["steps"]):
         x = torch.randn(batch, 4, latent, latent, device=device, dtype=dtype, requires_grad=True)
         t = torch.randint(0, 1000, (batch,), device=device).float()
+        options = {} if attention is None else {"optimized_attention_override": attention}
         start = stamp()
-        out = unet(x, timesteps=t, context=context, transformer_options={})
+        out = unet(x, timesteps=t, context=context, transformer_options=options)
         out.float().pow(2).mean().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()

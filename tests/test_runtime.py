@@ -230,3 +230,67 @@ def test_release_freed_memory_trims_glibc_and_does_nothing_elsewhere(monkeypatch
                     reason="malloc_trim is glibc's")
 def test_release_freed_memory_runs_on_linux_with_glibc():
     assert memory_plan.release_freed_memory() is True
+
+
+def test_checkpointing_recomputes_whole_transformers_and_resnets_or_the_blocks_of_unknown_transformers(parts):
+    blocks = memory_plan.checkpointed_blocks(parts.unet)
+    kinds = {type(block).__name__ for block in blocks}
+    assert kinds == {"Transformer2DModel", "ResnetBlock2D"}
+    # A transformer is recomputed as a whole: its proj_in / proj_out (LoRA targets) with it, nothing twice.
+    inside = {id(m) for block in blocks for m in block.modules() if m is not block}
+    assert not inside & {id(block) for block in blocks}
+    assert len(blocks) == sum(type(m).__name__ in kinds for m in parts.unet.modules())
+
+    class OtherTransformer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj_in = torch.nn.Linear(4, 4)
+            self.transformer_blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+    other = torch.nn.Sequential(OtherTransformer())
+    assert memory_plan.checkpointed_blocks(other) == list(other[0].transformer_blocks)
+
+
+class FakeMallopt:
+    """glibc's mallopt, recording the mmap threshold it is given."""
+
+    def __init__(self):
+        self.thresholds = []
+
+    def __call__(self, parameter, value):
+        assert parameter == memory_plan.M_MMAP_THRESHOLD
+        self.thresholds.append(value)
+        return 1
+
+
+def _fake_glibc(monkeypatch):
+    mallopt, trimmed = FakeMallopt(), []
+    monkeypatch.setattr(memory_plan, "_glibc_function", lambda name: mallopt if name == "mallopt" else None)
+    monkeypatch.setattr(memory_plan, "release_freed_memory", lambda: trimmed.append(True))
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    return mallopt, trimmed
+
+
+def test_freed_memory_return_sets_the_mmap_threshold_for_the_run_and_puts_glibcs_maximum_back(monkeypatch):
+    mallopt, trimmed = _fake_glibc(monkeypatch)
+    with memory_plan.FreedMemoryReturn(torch.device("cpu")) as returning:
+        assert returning.active and mallopt.thresholds == [1 << 20]
+    assert mallopt.thresholds == [1 << 20, 32 << 20] and trimmed == [True] and not returning.active
+    with memory_plan.FreedMemoryReturn(torch.device("cuda")) as returning:
+        assert not returning.active
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    with memory_plan.FreedMemoryReturn(torch.device("cpu")) as returning:
+        assert not returning.active, "the user's own malloc setting is left alone"
+    assert mallopt.thresholds == [1 << 20, 32 << 20]
+
+
+@pytest.mark.parametrize("checkpointing", ["on", "off"])
+def test_a_checkpointing_cpu_run_trains_with_freed_memory_returned_and_others_without(parts, dataset, tmp_path,
+                                                                                     monkeypatch, checkpointing):
+    mallopt, _ = _fake_glibc(monkeypatch)
+    during_steps = []
+    train_lora(parts, dataset, LoRAConfig(), config(tmp_path, gradient_checkpointing=checkpointing),
+               callbacks=Callbacks(on_step=lambda s, t, l: during_steps.append(mallopt.thresholds[-1])))
+    expected = (1 << 20) if checkpointing == "on" else (32 << 20)
+    assert during_steps == [expected, expected]
+    assert mallopt.thresholds == [1 << 20, 32 << 20], "set before the probes, glibc's maximum after"

@@ -25,8 +25,8 @@ from typing import Callable, Optional
 import torch
 
 from .errors import TrainingCancelled
-from .memory_plan import (MemoryPlan, check_setting, choose_checkpointing, gradient_checkpointing, plan_memory,
-                          release_freed_memory)
+from .memory_plan import (FreedMemoryReturn, MemoryPlan, check_setting, choose_checkpointing, gradient_checkpointing,
+                          plan_memory, release_freed_memory)
 from .optim import resolved_optimizer_name
 
 log = logging.getLogger(__name__)
@@ -57,29 +57,34 @@ class Runtime:
 @contextlib.contextmanager
 def training_runtime(parts, job, config, resolution: int, resumed: Optional[dict] = None):
     """Chooses the run's threads, precision and checkpointing; puts the caller's thread count back
-    on exit. `resumed` is a saved Runtime.state(): a resumed run keeps its choices."""
+    on exit. `resumed` is a saved Runtime.state(): a resumed run keeps its choices. A CPU run that
+    checkpoints has the memory freed during its steps returned to the system meanwhile
+    (memory_plan.FreedMemoryReturn)."""
     previous = torch.get_num_threads()
-    try:
+    with FreedMemoryReturn(parts.device) as freed_memory_return:
         try:
-            probe = UNetProbe(parts, resolution)
-            decided = _decided_before(parts, resolution, previous, config.precision)
-            resumed = resumed or decided or {}
-            threads = _threads(parts.device, probe, previous, resumed.get("threads"))
-            autocast = resolve_precision(config.precision, parts.device, probe, resumed.get("autocast"))
-            _DECIDED[_decision_key(parts, resolution, previous, config.precision)] = {
-                "threads": threads, "autocast": _dtype_name(autocast)}
-            # The probes' activations are freed; their pages go back before memory in use is read,
-            # and so do those the plan's own pass over the UNet leaves.
-            release_freed_memory()
-            plan = plan_memory(parts, job, config.batch_size, resolution, autocast,
-                               resolved_optimizer_name(config, parts.device), checkpointing=False)
-            release_freed_memory()
-            plan = choose_checkpointing(plan, check_setting(config.gradient_checkpointing))
-        except KeyboardInterrupt:
-            raise TrainingCancelled("training cancelled before its first step", last_save=None, step=0) from None
-        yield Runtime(autocast_dtype=autocast, threads=threads, memory=plan)
-    finally:
-        torch.set_num_threads(previous)
+            try:
+                probe = UNetProbe(parts, resolution)
+                decided = _decided_before(parts, resolution, previous, config.precision)
+                resumed = resumed or decided or {}
+                threads = _threads(parts.device, probe, previous, resumed.get("threads"))
+                autocast = resolve_precision(config.precision, parts.device, probe, resumed.get("autocast"))
+                _DECIDED[_decision_key(parts, resolution, previous, config.precision)] = {
+                    "threads": threads, "autocast": _dtype_name(autocast)}
+                # The probes' activations are freed; their pages go back before memory in use is read,
+                # and so do those the plan's own pass over the UNet leaves.
+                release_freed_memory()
+                plan = plan_memory(parts, job, config.batch_size, resolution, autocast,
+                                   resolved_optimizer_name(config, parts.device), checkpointing=False)
+                release_freed_memory()
+                plan = choose_checkpointing(plan, check_setting(config.gradient_checkpointing))
+                if not plan.checkpointing:
+                    freed_memory_return.stop()
+            except KeyboardInterrupt:
+                raise TrainingCancelled("training cancelled before its first step", last_save=None, step=0) from None
+            yield Runtime(autocast_dtype=autocast, threads=threads, memory=plan)
+        finally:
+            torch.set_num_threads(previous)
 
 
 # Timings are noisy, so two runs of the same model in one process could time their way to different
