@@ -274,14 +274,14 @@ def _fake_glibc(monkeypatch):
 def test_freed_memory_return_sets_the_mmap_threshold_for_the_run_and_puts_glibcs_maximum_back(monkeypatch):
     mallopt, trimmed = _fake_glibc(monkeypatch)
     with memory_plan.FreedMemoryReturn(torch.device("cpu")) as returning:
-        assert returning.active and mallopt.thresholds == [1 << 20]
-    assert mallopt.thresholds == [1 << 20, 32 << 20] and trimmed == [True] and not returning.active
+        assert returning.active and mallopt.thresholds == [4 << 20]
+    assert mallopt.thresholds == [4 << 20, 32 << 20] and trimmed == [True] and not returning.active
     with memory_plan.FreedMemoryReturn(torch.device("cuda")) as returning:
         assert not returning.active
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     with memory_plan.FreedMemoryReturn(torch.device("cpu")) as returning:
         assert not returning.active, "the user's own malloc setting is left alone"
-    assert mallopt.thresholds == [1 << 20, 32 << 20]
+    assert mallopt.thresholds == [4 << 20, 32 << 20]
 
 
 @pytest.mark.parametrize("checkpointing", ["on", "off"])
@@ -291,6 +291,6 @@ def test_a_checkpointing_cpu_run_trains_with_freed_memory_returned_and_others_wi
     during_steps = []
     train_lora(parts, dataset, LoRAConfig(), config(tmp_path, gradient_checkpointing=checkpointing),
                callbacks=Callbacks(on_step=lambda s, t, l: during_steps.append(mallopt.thresholds[-1])))
-    expected = (1 << 20) if checkpointing == "on" else (32 << 20)
+    expected = (4 << 20) if checkpointing == "on" else (32 << 20)
     assert during_steps == [expected, expected]
-    assert mallopt.thresholds == [1 << 20, 32 << 20], "set before the probes, glibc's maximum after"
+    assert mallopt.thresholds == [4 << 20, 32 << 20], "set before the probes, glibc's maximum after"
