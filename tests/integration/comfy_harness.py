@@ -57,6 +57,12 @@ class Run:
     def message(self, event):
         return next((data for name, data in self.messages if name == event), None)
 
+    def assert_succeeded(self):
+        """The prompt ran to the end; a node's error is shown with its traceback."""
+        error = self.message("execution_error")
+        assert error is None, f"{error['exception_message']}\n{''.join(error['traceback'])}"
+        assert "execution_success" in self.events
+
     def output(self, node_id, index=0):
         return self.outputs[str(node_id)][index][0]
 
@@ -142,6 +148,12 @@ class ComfyUI:
             # (main.py passes lru, ram and ram_inactive); 0 leaves them off, as --cache-classic does.
             options["cache_args"] = {"lru": 0, "ram": 0, "ram_inactive": 0}
         return execution.PromptExecutor(FakeServer(), **options)
+
+    def widget_defaults(self, class_type) -> dict:
+        """Every input of a node that has a default, at that default."""
+        definitions = self.node_classes[class_type].INPUT_TYPES()
+        return {name: spec[1]["default"] for section in ("required", "optional")
+                for name, spec in definitions.get(section, {}).items() if len(spec) > 1 and "default" in spec[1]}
 
     @property
     def node_classes(self):

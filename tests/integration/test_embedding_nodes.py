@@ -57,18 +57,6 @@ class EmbeddingExample:
         return self.prompt[self.prompt[sampler]["inputs"][which][0]]["inputs"]["text"]
 
 
-def widget_defaults(comfyui, class_type) -> dict:
-    definitions = comfyui.node_classes[class_type].INPUT_TYPES()
-    return {name: spec[1]["default"] for section in ("required", "optional")
-            for name, spec in definitions.get(section, {}).items() if len(spec) > 1 and "default" in spec[1]}
-
-
-def succeeded(run):
-    error = run.message("execution_error")
-    assert error is None, f"{error['exception_message']}\n{''.join(error['traceback'])}"
-    assert "execution_success" in run.events
-
-
 class Warnings(logging.Handler):
     def __init__(self):
         super().__init__(logging.WARNING)
@@ -98,7 +86,7 @@ def trained(comfyui, tiny_checkpoint):
     progress_before = len(comfyui.progress)
     with Warnings() as warnings:
         run = comfyui.run(example.prompt)
-    succeeded(run)
+    run.assert_succeeded()
     return {"example": example, "run": run, "warnings": warnings.messages,
             "progress": comfyui.progress[progress_before:]}
 
@@ -106,7 +94,7 @@ def trained(comfyui, tiny_checkpoint):
 def test_example_workflow_holds_the_nodes_defaults_in_the_right_widgets(comfyui):
     with open(WORKFLOW, encoding="utf-8") as f:
         prompt = api_prompt(json.load(f), comfyui.node_classes)
-    defaults = widget_defaults(comfyui, "EmbeddingTrain")
+    defaults = comfyui.widget_defaults("EmbeddingTrain")
     for i, (name, mode) in zip(node_ids(prompt, "EmbeddingTrain"), ((TI, "textual_inversion"), (DA, "dreamartist"))):
         widgets = {k: v for k, v in prompt[i]["inputs"].items() if not isinstance(v, list)}
         assert widgets == {**defaults, "name": name, "mode": mode}
@@ -195,7 +183,7 @@ def test_both_file_formats_load_through_comfyuis_embedding_loader(comfyui, train
     prompt = json.loads(json.dumps(example.prompt))
     prompt[example.ti]["inputs"].update(name="skkmtn_pt", file_format="a1111_pt", save_every_steps=0)
     run = comfyui.run(prompt)
-    succeeded(run)
+    run.assert_succeeded()
     assert run.output(example.ti, 4) == "skkmtn_pt.pt"
     folder = comfyui.folders["embeddings"]
     payload = torch.load(os.path.join(folder, "skkmtn_pt.pt"), weights_only=True)
@@ -218,7 +206,7 @@ def test_requeue_trains_nothing(comfyui, trained):
     executor = comfyui.new_executor()  # an empty in-memory cache, as after restarting ComfyUI
     progress_before = len(comfyui.progress)
     after_restart = comfyui.run(example.prompt, executor=executor)
-    succeeded(after_restart)
+    after_restart.assert_succeeded()
     assert example.da not in after_restart.cached_nodes()
     assert [p for p in comfyui.progress[progress_before:] if p[0] in (example.ti, example.da)] == [], \
         "no training step ran: the saved files were loaded"
@@ -261,7 +249,7 @@ def test_an_ordinary_word_or_a_taken_name_stops_with_a_clear_message(comfyui, tr
     run = comfyui.run(prompt)
     assert "turn on overwrite" in run.message("execution_error")["exception_message"]
     prompt[example.ti]["inputs"]["overwrite"] = True
-    succeeded(comfyui.run(prompt))
+    comfyui.run(prompt).assert_succeeded()
     embedding = comfyui.pack_module("trainer_core.adapters.embedding")
     vectors, step, _ = embedding.load_embedding(taken[:-len(".pt")] + ".safetensors")
     assert vectors.shape == (3, 768) and step == 4

@@ -99,9 +99,7 @@ def run_ok(comfyui, prompt):
     import gc
     gc.collect()
     run = comfyui.run(prompt, executor=comfyui.new_executor())
-    error = run.message("execution_error")
-    assert error is None, f"{error['exception_message']}\n{''.join(error['traceback'])}"
-    assert "execution_success" in run.events
+    run.assert_succeeded()
     return run
 
 

@@ -60,18 +60,6 @@ class HypernetExample:
         return prompt, sampler
 
 
-def widget_defaults(comfyui, class_type) -> dict:
-    definitions = comfyui.node_classes[class_type].INPUT_TYPES()
-    return {name: spec[1]["default"] for section in ("required", "optional")
-            for name, spec in definitions.get(section, {}).items() if len(spec) > 1 and "default" in spec[1]}
-
-
-def succeeded(run):
-    error = run.message("execution_error")
-    assert error is None, f"{error['exception_message']}\n{''.join(error['traceback'])}"
-    assert "execution_success" in run.events
-
-
 def latents(run, sampler):
     return run.output(sampler)["samples"]
 
@@ -91,7 +79,7 @@ def trained(comfyui, tiny_checkpoint, core_hypernetwork_loader):
     example = HypernetExample(comfyui, tiny_checkpoint, dropout=True)
     progress_before = len(comfyui.progress)
     run = comfyui.run(example.prompt)
-    succeeded(run)
+    run.assert_succeeded()
     return {"example": example, "run": run, "progress": comfyui.progress[progress_before:]}
 
 
@@ -100,7 +88,7 @@ def test_example_workflow_holds_the_nodes_defaults_in_the_right_widgets(comfyui)
         prompt = api_prompt(json.load(f), comfyui.node_classes)
     train = prompt[node_ids(prompt, "HypernetTrain")[0]]["inputs"]
     widgets = {k: v for k, v in train.items() if not isinstance(v, list)}
-    assert widgets == {**widget_defaults(comfyui, "HypernetTrain"), "save_every_steps": 500}
+    assert widgets == {**comfyui.widget_defaults("HypernetTrain"), "save_every_steps": 500}
 
 
 def test_example_workflow_runs_headless_and_saves_the_hypernetwork(comfyui, trained):
@@ -130,7 +118,7 @@ def test_core_loader_and_apply_hypernetwork_sample_exactly_like_hypernet_train(c
     for index, (label, (class_type, inputs)) in enumerate(variants.items()):
         prompt, sampler = example.with_model_from(f"9{index}", class_type, **inputs)
         other = comfyui.run(prompt)
-        succeeded(other)
+        other.assert_succeeded()
         difference = (latents(other, sampler) - expected).abs().max().item()
         print(f"\n{label}: max latent difference to HypernetTrain's MODEL {difference:.3g}")
         assert torch.equal(latents(other, sampler), expected), label
@@ -143,8 +131,8 @@ def test_apply_hypernetwork_strength_matches_core_loader_and_leaves_the_input_mo
     ours_prompt, ours_sampler = example.with_model_from(
         "81", "ApplyHypernetwork", hypernetwork_name="none", strength=0.5, hypernetwork=[example.train, 1])
     core, ours = comfyui.run(core_prompt), comfyui.run(ours_prompt)
-    succeeded(core)
-    succeeded(ours)
+    core.assert_succeeded()
+    ours.assert_succeeded()
     assert torch.equal(latents(core, core_sampler), latents(ours, ours_sampler))
     assert not torch.equal(latents(ours, ours_sampler), latents(trained["run"], example.trained_sampler))
     base_model = ours.output(example.checkpoint, 0)
@@ -158,7 +146,7 @@ def test_requeue_after_restart_loads_the_saved_hypernetwork_without_training(com
     written = os.stat(final).st_mtime_ns
     progress_before = len(comfyui.progress)
     again = comfyui.run(example.prompt, executor=comfyui.new_executor())
-    succeeded(again)
+    again.assert_succeeded()
     assert [p for p in comfyui.progress[progress_before:] if p[0] == example.train] == [], \
         "no training step ran: the saved file was loaded"
     assert os.stat(final).st_mtime_ns == written

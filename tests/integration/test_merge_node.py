@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from comfy_harness import PACK_NAME, REPO
-from test_hypernet_nodes import widget_defaults
 from workflow_to_prompt import api_prompt
 
 WORKFLOW = os.path.join(REPO, "example_workflows", "lora_train_merge.json")
@@ -90,15 +89,9 @@ def lora_loader_prompt(checkpoint, lora_name):
     return sampling_prompt(checkpoint, model=["8", 0], clip=["8", 1], extra={"8": loader})
 
 
-def succeeded(run):
-    error = run.message("execution_error")
-    assert error is None, f"{error['exception_message']}\n{''.join(error['traceback'])}"
-    assert "execution_success" in run.events
-
-
 def run_ok(comfyui, prompt, **kwargs):
     run = comfyui.run(prompt, **kwargs)
-    succeeded(run)
+    run.assert_succeeded()
     return run
 
 
@@ -211,7 +204,7 @@ def test_lora_train_merge_workflow_runs_headless(comfyui, tiny_checkpoint):
     nodes_of("KSampler")[0]["inputs"]["steps"] = 2
     merge_id = next(i for i, node in prompt.items() if node["class_type"] == "MergeLoRAToCkpt")
     merge_widgets = {k: v for k, v in prompt[merge_id]["inputs"].items() if not isinstance(v, list)}
-    assert merge_widgets == {**widget_defaults(comfyui, "MergeLoRAToCkpt"), "output_name": "skkmtn_merged"}
+    assert merge_widgets == {**comfyui.widget_defaults("MergeLoRAToCkpt"), "output_name": "skkmtn_merged"}
 
     run = run_ok(comfyui, prompt)
     assert run.output(merge_id, 2) == "skkmtn_merged.safetensors"
