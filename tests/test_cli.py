@@ -1,8 +1,9 @@
-"""`python -m trainer_core train`: the main paths on the tiny built-in model, and bad input that
-must end with exit code 2 and a message naming the option, never a traceback.
+"""`python -m trainer_core train`: the main paths, and bad input that must end with exit code 2
+and a message naming the option, never a traceback.
 
-The tiny model is built once per module and handed to the CLI in place of a fresh build (the
-same weights), so each run costs only its training steps.
+These tests need no learning: the random tiny model is built once per module and handed to the
+CLI in place of the demo model (tests/test_demo.py runs the demo model itself), so each run costs
+only its training steps.
 """
 import json
 import logging
@@ -28,14 +29,14 @@ def tiny_parts():
 
 @pytest.fixture
 def model(monkeypatch, tiny_parts):
-    """The CLI's no-model path gets the module's tiny model; `calls` counts the builds asked for."""
+    """The CLI's no-model path gets the module's tiny model; `calls` counts the loads asked for."""
     calls = []
 
-    def build(seed=0, device="cpu"):
+    def load(device="cpu"):
         calls.append(device)
         return tiny_parts
 
-    monkeypatch.setattr(backend, "tiny_parts", build)
+    monkeypatch.setattr(backend, "demo_parts", load)
     return calls
 
 
@@ -50,15 +51,15 @@ def adapter_files(folder):
 # --- main paths --------------------------------------------------------------------------------
 
 
-def test_run_without_a_model_trains_the_tiny_model_and_writes_lora_chart_and_samples(model, tmp_path, capsys,
+def test_run_without_a_model_trains_the_demo_model_and_writes_lora_chart_and_samples(model, tmp_path, capsys,
                                                                                      caplog):
     caplog.set_level(logging.INFO, logger="trainer_core")
     assert train(tmp_path, "--steps", "30") == 0
-    assert len(model) == 1, "no --model: the tiny built-in model"
+    assert len(model) == 1, "no --model: the demo model"
     assert sorted(os.listdir(tmp_path)) == ["skkmtn_lora.safetensors", "skkmtn_lora.safetensors.trainstate",
                                             "skkmtn_lora_loss.png", "skkmtn_lora_samples.png"]
     _, metadata = load_lora(tmp_path / "skkmtn_lora.safetensors")
-    assert metadata["ss_steps"] == "30" and metadata["ss_resolution"] == "(64, 64)"
+    assert metadata["ss_steps"] == "30" and metadata["ss_resolution"] == "(128, 128)"
     with Image.open(tmp_path / "skkmtn_lora_samples.png") as grid:
         assert grid.width >= 2 * 128 and grid.height >= 2 * 128  # base/trained x with/without the token
     with Image.open(tmp_path / "skkmtn_lora_loss.png") as chart:
@@ -267,7 +268,7 @@ def test_bad_options_are_refused_before_the_model_loads(monkeypatch, tmp_path, c
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the options were checked")
 
-    monkeypatch.setattr(backend, "tiny_parts", no_model)
+    monkeypatch.setattr(backend, "demo_parts", no_model)
     assert train(tmp_path, "--steps", "0") == 2
     assert "--steps" in capsys.readouterr().err
 
@@ -288,7 +289,7 @@ def test_ctrl_c_names_the_last_save_and_how_to_resume(model, tiny_parts, monkeyp
         # (input with gradients) run the UNet before the first step.
         if type(args[0]) is torch.Tensor and not args[0].requires_grad:
             calls.append(1)
-        if len(calls) == 7:
+        if len(calls) == 13:  # step 7: each step runs a sample picture and a regularization picture
             raise KeyboardInterrupt
         return real(*args)
 
@@ -299,6 +300,23 @@ def test_ctrl_c_names_the_last_save_and_how_to_resume(model, tiny_parts, monkeyp
         pytest.fail("Ctrl-C ended the CLI with a traceback")
     error = capsys.readouterr().err
     assert code == 130 and "skkmtn_lora_6.safetensors" in error and "--resume" in error
+
+
+def test_demo_defaults_bring_the_class_word_and_the_captioned_regularization_set(tmp_path):
+    from trainer_core import demo
+    from trainer_core.cli import build_parser, configs_from_args
+    configs = configs_from_args(build_parser().parse_args(["train"]))
+    assert configs["dataset"].instance_prompt == "skkmtn circle" and configs["dataset"].ignore_caption_files
+    assert configs["regularization"] == dict(folder=demo.REGULARIZATION_DIR, use_caption_files=True,
+                                             class_prompt="circle", blank_count=0)
+    # a real model, or the user's own regularization choice, gets none of the demo's words
+    real = configs_from_args(build_parser().parse_args(["train", "--model", str(tmp_path)]))
+    assert real["dataset"].instance_prompt == "skkmtn" and "folder" not in real["regularization"]
+    assert not real["dataset"].ignore_caption_files
+    assert configs_from_args(build_parser().parse_args(
+        ["train", "--model", str(tmp_path), "--ignore-captions"]))["dataset"].ignore_caption_files
+    own = configs_from_args(build_parser().parse_args(["train", "--reg-blank", "2", "--class-prompt", "a shape"]))
+    assert own["regularization"] == dict(class_prompt="a shape", blank_count=2)
 
 
 def test_regularization_flags_reach_the_regularization_set(tmp_path):

@@ -52,6 +52,17 @@ def test_captions_are_read_and_an_image_without_one_gets_the_instance_prompt(tmp
     assert [dataset.caption(i, rng) for i in range(2)] == ["skkmtn, red dress", "skkmtn girl"]
 
 
+def test_ignore_caption_files_captions_every_image_with_the_instance_prompt(tmp_path):
+    save_image(tmp_path, "a.png", caption="skkmtn, red dress\n")
+    save_image(tmp_path, "b.png")
+    read = ImageDataset.from_folder(config(tmp_path, class_token="girl"))
+    ignored = ImageDataset.from_folder(config(tmp_path, class_token="girl", ignore_caption_files=True))
+    rng = random.Random(0)
+    assert [ignored.caption(i, rng) for i in range(2)] == ["skkmtn girl", "skkmtn girl"]
+    assert not ignored.warnings, "asked for, so no warning"
+    assert ignored.fingerprint() != read.fingerprint()
+
+
 def test_caption_without_the_token_gets_the_instance_prompt_as_first_tag(tmp_path):
     save_image(tmp_path, "a.png", caption="red dress, smiling")
     save_image(tmp_path, "b.png", caption="photo of SKKMTN smiling")

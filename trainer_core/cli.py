@@ -1,9 +1,11 @@
 """`python -m trainer_core train`: the same trainer as the ComfyUI nodes, from a terminal
 (and `python -m trainer_core merge`: MergeLoRAToCkpt's merge, on files).
 
-With no --model it trains the tiny built-in model on the sample dataset shipped with the pack,
-so the whole path (dataset -> train -> save -> before/after samples) runs on a CPU in about a
-minute. Give --model a diffusers folder or an SD1.x .safetensors/.ckpt file for real training.
+With no --model it trains the demo model (a small model that knows only coloured shapes,
+trainer_core/demo.py) on the sample dataset shipped with the pack, so the whole path (dataset ->
+train -> save -> before/after samples) runs on a CPU in about a minute and the samples show the
+new concept appear with the trigger word only. Give --model a diffusers folder or an SD1.x
+.safetensors/.ckpt file for real training.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from .adapters.lora import NETWORK_TYPES, LoRAConfig
 # The module, not its functions: diffusers itself is imported only when a model is built.
 from .backends import diffusers as backend
 from .config import TrainConfig
+from . import demo
 from .dataset import DatasetConfig, ImageDataset, check_folder, regularization_set
 from .errors import TrainerInputError, TrainingCancelled, TrainingStopped, name_of, names_as
 from .formats import UNET_PREFIX, atomic_write, file_short_hash, load_lora, safe_output_path
@@ -42,8 +45,11 @@ ADAPTER_SECTIONS = {"lora": "lora", "hypernetwork": "hypernetwork", "embedding":
                     "dreamartist": "embedding"}
 OUTPUT_SUFFIXES = {"lora": "lora", "hypernetwork": "hypernet", "embedding": "emb", "dreamartist": "da"}
 
-SAMPLE_DATASET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_dataset")
-TINY_DEFAULTS = {"resolution": 64, "steps": 500, "save_every_steps": 200}
+# The demo model's settings; with the sample dataset also its class word and captioned
+# regularization set (words only the demo model knows).
+DEMO_DEFAULTS = {"resolution": demo.SIZE, "steps": 500, "save_every_steps": 250}
+# A LoRA on the demo model: twice the usual rate, so that the creature shows within a minute.
+DEMO_LORA_LEARNING_RATE = 2e-3
 
 log = logging.getLogger("trainer_core")
 
@@ -56,7 +62,8 @@ CLI_FLAGS = {
     "gradient_accumulation": "--gradient-accumulation", "optimizer": "--optimizer", "precision": "--precision",
     "gradient_checkpointing": "--gradient-checkpointing", "save_every_steps": "--save-every", "seed": "--seed",
     "resume_from": "--resume", "class_prompt": "--class-prompt", "reg_folder": "--reg-data",
-    "blank_count": "--reg-blank", "use_caption_files": "--reg-captions", "layer_structure": "--layer-structure",
+    "blank_count": "--reg-blank", "use_caption_files": "--reg-captions",
+    "ignore_caption_files": "--ignore-captions", "layer_structure": "--layer-structure",
     "activation": "--activation", "output_dir": "--output-dir", "output_name": "--name",
     "overwrite": "--overwrite", "force_retrain": "--force-retrain", "vectors": "--vectors",
     "init_text": "--init-text", "network_type": "--network-type", "conv_rank": "--conv-rank",
@@ -90,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train a LoRA, a hypernetwork or an embedding. A flag given on the command line "
                                        "wins over the same option in --config.")
     add = train.add_argument
-    tiny = "with the built-in model"
+    demo_model = "with the demo model"
     add("--config", help="JSON file with sections dataset/train/lora/hypernetwork/regularization; "
                          "default: none")
     add("--model", default="", help="diffusers folder or SD1.x .safetensors/.ckpt checkpoint; "
@@ -100,15 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data", default="", help="folder of images with .txt captions; default: the sample dataset")
     add("--token", default="", help="instance token (trigger word) tied to your subject; default: skkmtn, "
                                    "the sample dataset's")
-    add("--class-token", default="", help="class word of the subject, e.g. girl; default: none")
+    add("--class-token", default="", help="class word of the subject, e.g. girl; default: none ('circle' with the "
+                                         "demo model and the sample dataset)")
+    add("--ignore-captions", action="store_true",
+        help="train every image with the instance prompt (--token --class-token) instead of its caption file, "
+             "as the demo model's run on the sample dataset does")
     add("--resolution", type=int, help=f"training size in pixels, a multiple of 64; default: "
                                       f"{_default(DatasetConfig, 'resolution')} "
-                                      f"({TINY_DEFAULTS['resolution']} {tiny})")
+                                      f"({DEMO_DEFAULTS['resolution']} {demo_model})")
     add("--steps", type=int, help=f"optimizer steps in total; default: {_default(TrainConfig, 'steps')} "
-                                 f"({TINY_DEFAULTS['steps']} {tiny})")
+                                 f"({DEMO_DEFAULTS['steps']} {demo_model})")
     add("--lr", type=float, help=f"learning rate (LoRA UNet / hypernetwork); default: "
-                                f"{_default(TrainConfig, 'learning_rate'):g} for a LoRA; 1e-05 for a "
-                                f"hypernetwork (0.001 {tiny})")
+                                f"{_default(TrainConfig, 'learning_rate'):g} for a LoRA "
+                                f"({DEMO_LORA_LEARNING_RATE:g} {demo_model}); 1e-05 for a hypernetwork "
+                                f"(0.001 {demo_model})")
     add("--rank", type=int, help=f"LoRA rank (its size); default: {_default(LoRAConfig, 'rank')}")
     add("--alpha", type=float, help=f"LoRA alpha; the LoRA is scaled by alpha / rank; default: "
                                    f"{_default(LoRAConfig, 'alpha'):g}")
@@ -137,12 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
              f"{_default(TrainConfig, 'gradient_checkpointing')}")
     add("--save-every", type=int, dest="save_every_steps",
         help=f"also save every this many steps as <name>_<step>; 0: only the final file; default: "
-             f"{_default(TrainConfig, 'save_every_steps')} ({TINY_DEFAULTS['save_every_steps']} {tiny})")
+             f"{_default(TrainConfig, 'save_every_steps')} ({DEMO_DEFAULTS['save_every_steps']} {demo_model})")
     add("--seed", type=int, help=f"seed of every random choice; default: {_default(TrainConfig, 'seed')}")
     add("--resume", default="", help="continue a file saved by an earlier run up to --steps (e.g. a finished "
                                     "run with more --steps); default: start fresh")
-    add("--class-prompt", default="", help="prompt of the regularization images, e.g. 'a photo of a girl'; default: none")
-    add("--reg-data", default="", help="folder of class (regularization) images; default: none")
+    add("--class-prompt", default="", help="prompt of the regularization images, e.g. 'a photo of a girl'; default: "
+                                          f"none ('{demo.CLASS}' with the demo model and the sample dataset)")
+    add("--reg-data", default="", help="folder of class (regularization) images; default: none (with the demo "
+                                       "model and the sample dataset: its captioned set, sample_regularization)")
     add("--reg-blank", type=int, default=0, help="number of blank 'transparent' regularization images")
     add("--reg-captions", action="store_true",
         help="train each --reg-data image that has a caption file with that caption as written "
@@ -240,17 +254,27 @@ def _set(section: dict, key: str, value):
 
 def configs_from_args(args) -> dict:
     s = _sections(args)
-    tiny = not args.model
-    if tiny:
+    demo_model = not args.model
+    if demo_model:
         for key in ("resolution",):
-            s["dataset"].setdefault(key, TINY_DEFAULTS[key])
+            s["dataset"].setdefault(key, DEMO_DEFAULTS[key])
         for key in ("steps", "save_every_steps"):
-            s["train"].setdefault(key, TINY_DEFAULTS[key])
-    data = args.data or s["dataset"].get("folder") or SAMPLE_DATASET
+            s["train"].setdefault(key, DEMO_DEFAULTS[key])
+    data = args.data or s["dataset"].get("folder") or demo.DATASET_DIR
     check_folder(data, name_of("folder"))  # a wrong folder explains a missing token too: it comes first
+    sample = os.path.abspath(data) == demo.DATASET_DIR
     _set(s["dataset"], "folder", data)
-    _set(s["dataset"], "instance_token", args.token or ("skkmtn" if data == SAMPLE_DATASET else ""))
+    _set(s["dataset"], "instance_token", args.token or (demo.TOKEN if sample else ""))
     _set(s["dataset"], "class_token", args.class_token)
+    _set(s["dataset"], "ignore_caption_files", args.ignore_captions)
+    if demo_model and sample:
+        # Trained as "skkmtn circle", as the Dreambooth extension trains without captions: the demo
+        # model knows none of the captions' other words, which would take the creature from the token.
+        s["dataset"].setdefault("class_token", demo.CLASS)
+        s["dataset"].setdefault("ignore_caption_files", True)
+        if not (args.reg_data or args.reg_blank or args.class_prompt or s["regularization"]):
+            s["regularization"].update(folder=demo.REGULARIZATION_DIR, use_caption_files=True,
+                                       class_prompt=demo.CLASS)
     _set(s["dataset"], "resolution", args.resolution)
     for key in ("steps", "batch_size", "gradient_accumulation", "optimizer", "precision",
                 "save_every_steps", "seed"):
@@ -268,8 +292,10 @@ def configs_from_args(args) -> dict:
         _set(s["lora"], key, getattr(args, key))
     _set(s["hypernetwork"], "layer_structure", args.layer_structure)
     _set(s["hypernetwork"], "activation", args.activation)
+    if args.adapter == "lora" and demo_model:
+        s["train"].setdefault("learning_rate", DEMO_LORA_LEARNING_RATE)
     if args.adapter == "hypernetwork":
-        s["train"].setdefault("learning_rate", 1e-5 if not tiny else 1e-3)
+        s["train"].setdefault("learning_rate", 1e-5 if not demo_model else 1e-3)
     if args.adapter in ("embedding", "dreamartist"):
         s["embedding"]["mode"] = "dreamartist" if args.adapter == "dreamartist" else "textual_inversion"
         _set(s["embedding"], "vectors", args.vectors)
@@ -336,8 +362,9 @@ def run_train(args) -> int:
     if args.model:
         parts = backend.load_parts(args.model, device=device, dtype=model_dtype(device, configs["train"].precision))
     else:
-        log.info("no --model given: using the tiny built-in model (a demo of the whole path, not a real model)")
-        parts = backend.tiny_parts(device=device)
+        log.info("no --model given: training the demo model, which knows only coloured shapes (a demo of "
+                 "the whole path, not a real model)")
+        parts = backend.demo_parts(device=device)
     dataset = ImageDataset.from_folder(configs["dataset"])
     reg_options = configs["regularization"]
     regularization = None

@@ -63,6 +63,8 @@ class DatasetConfig:
     captions_as_written: captions are used exactly as written, with no instance prompt added
     (regularization images: their captions describe them; images without one get the
     instance prompt, which for them is the class prompt).
+    ignore_caption_files: caption files are not read: every image is captioned with the instance
+    prompt, as the Dreambooth extension trains without captions.
     """
     folder: str = ""
     instance_token: str = ""
@@ -79,6 +81,7 @@ class DatasetConfig:
     tag_dropout: float = 0.0
     template_lines: Optional[list] = None
     captions_as_written: bool = False
+    ignore_caption_files: bool = False
 
     def validate(self) -> None:
         if not isinstance(self.instance_token, str) or not self.instance_token.strip():
@@ -96,7 +99,8 @@ class DatasetConfig:
         check_resolution(self.resolution)
         _check_whole(self.keep_tokens, "keep_tokens", minimum=0,
                      hint="how many leading caption tags stay in place")
-        for name in ("bucketing", "center_crop", "flip", "shuffle_tags", "captions_as_written"):
+        for name in ("bucketing", "center_crop", "flip", "shuffle_tags", "captions_as_written",
+                     "ignore_caption_files"):
             if not isinstance(getattr(self, name), bool):
                 raise TrainerInputError(f"{name_of(name)} must be true or false, got {getattr(self, name)!r}.")
         for name in ("caption_dropout", "tag_dropout"):
@@ -149,7 +153,8 @@ class ImageDataset:
         """Every image in `config.folder` (and in `<N>_<name>` subfolders, with N repeats)."""
         config.validate()
         notes = []
-        items = _scan_folder(config.folder, config, notes, read_captions=True, name=name_of("folder"))
+        items = _scan_folder(config.folder, config, notes, read_captions=not config.ignore_caption_files,
+                             name=name_of("folder"))
         return cls(config, items, notes)
 
     @classmethod
@@ -245,6 +250,8 @@ class ImageDataset:
         folder keeps its trained result."""
         digest = hashlib.sha256(FINGERPRINT_VERSION.encode())
         options = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "folder"}
+        if not options["ignore_caption_files"]:  # the default keeps the fingerprints made before the option
+            del options["ignore_caption_files"]
         digest.update(json.dumps(options, sort_keys=True, default=str).encode())
         for item in self.items:            # in order: the order decides which image each step sees
             digest.update(json.dumps([item.name, item.text, item.repeats, list(item.file_stats)]).encode())
@@ -468,9 +475,9 @@ def _scan_images(root, subfolder, repeats, config, notes, unreadable, read_capti
         stems.setdefault(os.path.splitext(name)[0].lower(), []).append(name)
     if read_captions:
         _note_caption_mismatches(stems, captions, relative, notes)
-    elif captions:
+    elif captions and config.captions_as_written:  # a training dataset ignores them only when told to
         notes.append(f"caption files in {directory} are ignored: regularization images are all "
-                     f"captioned with class_prompt (turn on use_caption_files to use them).")
+                     f"captioned with class_prompt (turn on {name_of('use_caption_files')} to use them).")
     items, empty_captions = [], []
     for name in images:
         path = os.path.join(directory, name)

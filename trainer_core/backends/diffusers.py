@@ -31,6 +31,8 @@ from ..parts import ModelParts
 log = logging.getLogger(__name__)
 
 SD15_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "sd15")
+# The CLI's default model, built by trainer_core/demo.py.
+DEMO_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "demo_model")
 
 # What kohya's networks/lora.py patches in an SD1 UNet: every Linear and 1x1 Conv2d inside a
 # Transformer2DModel. Listed explicitly so a diffusers release that adds a layer cannot add a
@@ -264,6 +266,11 @@ def schedule_from_config(scheduler_config) -> tuple[torch.Tensor, str]:
     from diffusers import DDPMScheduler
     scheduler = DDPMScheduler.from_config(scheduler_config)
     return scheduler.alphas_cumprod.clone(), scheduler.config.prediction_type
+
+
+def demo_parts(device="cpu") -> ModelParts:
+    """The demo model: 128 px pictures, pre-trained on a world of coloured shapes (fp32)."""
+    return load_parts(DEMO_MODEL_DIR, device=device, dtype=torch.float32)
 
 
 # -- the tiny built-in model -----------------------------------------------------------------------
