@@ -32,7 +32,7 @@ def model(monkeypatch, tiny_parts):
     """The CLI's no-model path gets the module's tiny model; `calls` counts the loads asked for."""
     calls = []
 
-    def load(device="cpu"):
+    def load(device="cpu", known_hash=""):
         calls.append(device)
         return tiny_parts
 
@@ -92,6 +92,24 @@ def test_second_identical_run_is_a_cache_hit_said_once_with_no_save_bar_or_sampl
     assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
 
 
+def test_cache_hit_is_answered_before_the_model_loads(model, tiny_parts, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(backend, "model_hash", lambda path: tiny_parts.base_model_hash)
+    assert train(tmp_path, "--steps", "5") == 0
+    caplog.set_level(logging.INFO, logger="trainer_core")
+    assert train(tmp_path, "--steps", "5") == 0
+    assert len(model) == 1, "the finished run is recognised from the files, without loading the model"
+    assert sum("already trained" in r.getMessage() for r in caplog.records) == 1
+    # other settings, another model, or a lost report: the model is loaded and trained as before
+    assert train(tmp_path, "--steps", "6", "--overwrite") == 0
+    assert len(model) == 2
+    monkeypatch.setattr(backend, "model_hash", lambda path: "another")
+    assert train(tmp_path, "--steps", "6") == 0 and len(model) == 3
+    monkeypatch.setattr(backend, "model_hash", lambda path: tiny_parts.base_model_hash)
+    os.remove(tmp_path / "skkmtn_lora_samples.png")
+    assert train(tmp_path, "--steps", "6") == 0 and len(model) == 4
+    assert os.path.exists(tmp_path / "skkmtn_lora_samples.png")
+
+
 def test_finished_run_continues_with_more_steps_without_overwrite(model, tmp_path, caplog):
     assert train(tmp_path, "--steps", "4", "--save-every", "2") == 0
     final = tmp_path / "skkmtn_lora.safetensors"
@@ -106,7 +124,7 @@ def test_finished_run_continues_with_more_steps_without_overwrite(model, tmp_pat
 
 def test_another_run_under_the_same_name_still_needs_overwrite(model, tmp_path, capsys):
     assert train(tmp_path, "--steps", "2") == 0
-    assert train(tmp_path, "--steps", "2", "--lr", "0.002") == 2
+    assert train(tmp_path, "--steps", "2", "--lr", "0.003") == 2
     error = capsys.readouterr().err
     assert "--overwrite" in error and "--resume" not in error
     assert train(tmp_path, "--steps", "4") == 2

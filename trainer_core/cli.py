@@ -37,12 +37,15 @@ from .merge import SAVE_PRECISIONS, checkpoint_lora_keys, lora_hash, merge_into_
 from .plots import labelled_grid, loss_chart
 from .sampling import sample_images
 from .prompt_templates import read_template
-from .train import Callbacks, train_embedding, train_hypernetwork, train_lora
+from .jobs import HypernetworkJob, LoRAJob
+from .train import Callbacks, train_embedding, train_hypernetwork, train_lora, trained_already
 
 ADAPTERS = ("lora", "hypernetwork", "embedding", "dreamartist")
 # The config section each adapter reads its options from, and the default output name's suffix.
 ADAPTER_SECTIONS = {"lora": "lora", "hypernetwork": "hypernetwork", "embedding": "embedding",
                     "dreamartist": "embedding"}
+# The adapters whose finished run the CLI recognises before loading the model.
+PRECHECKED_JOBS = {"lora": LoRAJob, "hypernetwork": HypernetworkJob}
 OUTPUT_SUFFIXES = {"lora": "lora", "hypernetwork": "hypernet", "embedding": "emb", "dreamartist": "da"}
 
 # The demo model's settings; with the sample dataset also its class word and captioned
@@ -359,18 +362,28 @@ def run_train(args) -> int:
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise TrainerInputError(f"{name_of('output_dir')} {output_dir} is a file: give a folder.")
     device = _device(args.device)
-    if args.model:
-        parts = backend.load_parts(args.model, device=device, dtype=model_dtype(device, configs["train"].precision))
-    else:
-        log.info("no --model given: training the demo model, which knows only coloured shapes (a demo of "
-                 "the whole path, not a real model)")
-        parts = backend.demo_parts(device=device)
     dataset = ImageDataset.from_folder(configs["dataset"])
     reg_options = configs["regularization"]
     regularization = None
     if reg_options.get("folder") or reg_options.get("blank_count"):
         regularization = regularization_set(resolution=configs["dataset"].resolution, **reg_options)
     train_config = configs["train"]
+    known_hash = ""
+    final_path = _finished_report_path(args.adapter, train_config)
+    if final_path:
+        # A finished run of these very settings is answered before the model loads (seconds).
+        known_hash = backend.model_hash(args.model or backend.DEMO_MODEL_DIR)
+        section = ADAPTER_SECTIONS[args.adapter]
+        if trained_already(PRECHECKED_JOBS[args.adapter].description(configs[section]), final_path, dataset,
+                           train_config, regularization, known_hash):
+            return 0
+    if args.model:
+        parts = backend.load_parts(args.model, device=device, dtype=model_dtype(device, train_config.precision),
+                                   known_hash=known_hash)
+    else:
+        log.info("no --model given: training the demo model, which knows only coloured shapes (a demo of "
+                 "the whole path, not a real model)")
+        parts = backend.demo_parts(device=device, known_hash=known_hash)
 
     bar = None
 
@@ -408,6 +421,15 @@ def run_train(args) -> int:
         return 0  # the trainer said so; the report beside the file is this run's already
     write_report(parts, result, train_config, prompt, configs["dataset"].resolution)
     return 0
+
+
+def _finished_report_path(adapter: str, train_config) -> str:
+    """The final file a finished run with this output name left, with its report; else ""."""
+    if adapter not in PRECHECKED_JOBS or train_config.force_retrain:
+        return ""
+    final_path = safe_output_path(train_config.output_dir, train_config.output_name, PRECHECKED_JOBS[adapter].suffix,
+                                  overwrite=True)
+    return final_path if os.path.exists(final_path) and os.path.exists(report_paths(final_path)[1]) else ""
 
 
 def report_paths(final_path: str) -> tuple:

@@ -77,7 +77,12 @@ class LoRAJob:
         return bool(self.lora_config.train_text_encoder)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, **self.lora_config.cache_fields()}
+        return self.description(self.lora_config)
+
+    @classmethod
+    def description(cls, lora_config) -> dict:
+        """describe() from the config alone, before a model is loaded."""
+        return {"kind": cls.kind, **lora_config.cache_fields()}
 
     def output_path(self, name: str) -> str:
         return safe_output_path(self.train_config.output_dir, name, self.suffix, overwrite=True)
@@ -144,7 +149,12 @@ class HypernetworkJob:
     trains_text_encoder = False
 
     def describe(self) -> dict:
-        return {"kind": self.kind, **asdict(self.hypernetwork_config)}
+        return self.description(self.hypernetwork_config)
+
+    @classmethod
+    def description(cls, hypernetwork_config) -> dict:
+        """describe() from the config alone, before a model is loaded."""
+        return {"kind": cls.kind, **asdict(hypernetwork_config)}
 
     def output_path(self, name: str) -> str:
         return safe_output_path(self.train_config.output_dir, name, self.suffix, overwrite=True)

@@ -101,17 +101,18 @@ def _seeded(seed):
         yield
 
 
-def training_key(job: TrainingJob, dataset, config: TrainConfig, regularization, parts: ModelParts) -> str:
-    """Everything that changes what is learned; equal keys mean the same trained file."""
+def training_key(description: dict, dataset, config: TrainConfig, regularization, base_model_hash: str) -> str:
+    """Everything that changes what is learned; equal keys mean the same trained file.
+    `description`: the job's describe()."""
     payload = {
-        "adapter": job.describe(),
+        "adapter": description,
         "train": config.learning_key(),
         "dataset": dataset.fingerprint(),
         "regularization": None if regularization is None else {
             "dataset": regularization.dataset.fingerprint(),
             "prior_loss_weight": regularization.prior_loss_weight,
         },
-        "base_model": parts.base_model_hash,
+        "base_model": base_model_hash,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -126,7 +127,7 @@ def _run(parts, job: TrainingJob, dataset, config: TrainConfig, regularization,
         raise TrainerInputError(
             f"{name_of('batch_size')} {config.batch_size} is larger than the dataset ({images} images with "
             f"repeats): lower {name_of('batch_size')} or add images/repeats.")
-    key = training_key(job, dataset, config, regularization, parts)
+    key = training_key(job.describe(), dataset, config, regularization, parts.base_model_hash)
     final_path = job.output_path(config.output_name)
     cached = _cache_hit(job, final_path, key, config)
     if cached is not None:
@@ -183,15 +184,38 @@ def _read_state(path: str) -> Optional[dict]:
     return load_training_state(state_path)
 
 
-def _cache_hit(job, final_path, key, config) -> Optional[TrainResult]:
+def trained_already(description: dict, final_path: str, dataset, config: TrainConfig, regularization,
+                    base_model_hash: str) -> bool:
+    """Whether training would be a cache hit: `final_path` holds this very training (said in the
+    log, as training would). Needs no model, so a front end can answer before loading one.
+    `description`: the job's describe()."""
+    if regularization is not None:
+        regularization = regularization.for_dataset(dataset)
+    key = training_key(description, dataset, config, regularization, base_model_hash)
+    if _cached_state(final_path, key, config) is None:
+        return False
+    _say_already_trained(final_path)
+    return True
+
+
+def _say_already_trained(final_path):
+    log.info("already trained: %s was trained with the same settings, data and model; not training again "
+             "(%s trains it anew)", final_path, name_of("force_retrain"))
+
+
+def _cached_state(final_path, key, config) -> Optional[dict]:
     if config.force_retrain or not os.path.exists(final_path):
         return None
     state = _read_state(final_path)
-    if state is None or state.get("training_key") != key:
+    return state if state is not None and state.get("training_key") == key else None
+
+
+def _cache_hit(job, final_path, key, config) -> Optional[TrainResult]:
+    state = _cached_state(final_path, key, config)
+    if state is None:
         return None
     job.load_weights(final_path)
-    log.info("already trained: %s was trained with the same settings, data and model; not training again "
-             "(%s trains it anew)", final_path, name_of("force_retrain"))
+    _say_already_trained(final_path)
     return TrainResult(adapter=job.module, final_path=final_path, saved_paths=[],
                        losses=[tuple(x) for x in state.get("losses", [])],
                        from_cache=True, kohya_state_dict=job.file_state_dict())

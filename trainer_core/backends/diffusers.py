@@ -268,9 +268,9 @@ def schedule_from_config(scheduler_config) -> tuple[torch.Tensor, str]:
     return scheduler.alphas_cumprod.clone(), scheduler.config.prediction_type
 
 
-def demo_parts(device="cpu") -> ModelParts:
+def demo_parts(device="cpu", known_hash: str = "") -> ModelParts:
     """The demo model: 128 px pictures, pre-trained on a world of coloured shapes (fp32)."""
-    return load_parts(DEMO_MODEL_DIR, device=device, dtype=torch.float32)
+    return load_parts(DEMO_MODEL_DIR, device=device, dtype=torch.float32, known_hash=known_hash)
 
 
 # -- the tiny built-in model -----------------------------------------------------------------------
@@ -350,18 +350,30 @@ def _weights_hash(modules) -> str:
 
 
 # -- loading real models -------------------------------------------------------------------------
-def load_parts(path: str, device="cpu", dtype=torch.float32) -> ModelParts:
-    """SD1.x `ModelParts` from a diffusers folder or a single-file .safetensors/.ckpt, offline."""
-    path = os.path.abspath(os.path.expanduser(str(path)))
+def load_parts(path: str, device="cpu", dtype=torch.float32, known_hash: str = "") -> ModelParts:
+    """SD1.x `ModelParts` from a diffusers folder or a single-file .safetensors/.ckpt, offline.
+    `known_hash`: model_hash(path), when the caller has it already (it reads every weight)."""
+    path = _model_path(path)
     if os.path.isdir(path):
-        return _load_diffusers_folder(path, device, dtype)
-    if os.path.isfile(path):
-        return _load_single_file(path, device, dtype)
-    raise TrainerInputError(
-        f"model {path} does not exist: give an SD1.x .safetensors/.ckpt file or a diffusers folder")
+        return _load_diffusers_folder(path, device, dtype, known_hash)
+    return _load_single_file(path, device, dtype, known_hash)
 
 
-def _load_diffusers_folder(path, device, dtype) -> ModelParts:
+def model_hash(path: str) -> str:
+    """The base model hash load_parts gives the model at `path`, without loading it."""
+    path = _model_path(path)
+    return _folder_hash(path) if os.path.isdir(path) else file_short_hash(path)
+
+
+def _model_path(path) -> str:
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if not os.path.exists(path):
+        raise TrainerInputError(
+            f"model {path} does not exist: give an SD1.x .safetensors/.ckpt file or a diffusers folder")
+    return path
+
+
+def _load_diffusers_folder(path, device, dtype, known_hash) -> ModelParts:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -387,10 +399,10 @@ def _load_diffusers_folder(path, device, dtype) -> ModelParts:
         raise TrainerInputError(f"could not load the diffusers model in {path}: {error}") from error
     alphas_cumprod, prediction_type = schedule_from_config(scheduler_config)
     return parts_from_diffusers(unet, text_encoder, tokenizer, vae, alphas_cumprod, prediction_type, device, dtype,
-                                name=os.path.basename(path), model_hash=_folder_hash(path))
+                                name=os.path.basename(path), model_hash=known_hash or _folder_hash(path))
 
 
-def _load_single_file(path, device, dtype) -> ModelParts:
+def _load_single_file(path, device, dtype, known_hash) -> ModelParts:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -418,7 +430,8 @@ def _load_single_file(path, device, dtype) -> ModelParts:
     scheduler_config = DDPMScheduler.load_config(SD15_CONFIG_DIR, subfolder="scheduler", local_files_only=True)
     alphas_cumprod, prediction_type = schedule_from_config(scheduler_config)
     return parts_from_diffusers(unet, text_encoder, tokenizer, vae, alphas_cumprod, prediction_type, device, dtype,
-                                name=os.path.splitext(os.path.basename(path))[0], model_hash=file_short_hash(path))
+                                name=os.path.splitext(os.path.basename(path))[0],
+                                model_hash=known_hash or file_short_hash(path))
 
 
 def _require_sd1(path, shapes) -> None:
