@@ -14,7 +14,6 @@ and 16x16 latents.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import random
